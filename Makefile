@@ -1,0 +1,33 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast venv broker-jars lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# One resolve for the whole pinned stack (see shared design/toolchain.md).
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Apache Kafka jars from Maven Central, cached under ~/.cache/stream-asd (outside the tree).
+broker-jars: $(STAMP)
+	$(VENV)/bin/stream-asd broker provision
+
+demo: broker-jars
+	$(VENV)/bin/stream-asd demo
+
+test: broker-jars
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not kafka and not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,82 @@
+"""Prometheus metrics of stream-asd: one place where every ``asd_*`` series is defined.
+
+Conventions: base units (seconds, bytes), ``_total`` counters, histograms for latencies, no
+``device_id`` label on histograms (cardinality); a per-device last-score gauge is fine for a few
+thousand devices. Faust's own sensor names break Prometheus conventions, so we define ours.
+
+Each process builds its own :class:`ProducerMetrics` / :class:`ProcessorMetrics` on a registry
+(the default one in production; a fresh one per test) and serves it with :func:`serve`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ProducerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry
+        self.chunks_sent = Counter("asd_producer_chunks_total", "Audio chunks handed to the Kafka client",
+                                   ["machine_type"], registry=r)
+        self.chunks_delivered = Counter("asd_producer_delivered_total",
+                                        "Audio chunks acknowledged by the broker (delivery reports)",
+                                        ["machine_type"], registry=r)
+        self.delivery_failures = Counter("asd_producer_delivery_failures_total",
+                                         "Audio chunks the broker did not acknowledge after retries",
+                                         ["reason"], registry=r)
+        self.bytes_sent = Counter("asd_producer_bytes_total", "Payload bytes handed to the Kafka client", registry=r)
+        self.queue_full_waits = Counter("asd_producer_queue_full_total",
+                                        "Times the producer waited on a full local queue (back-pressure)", registry=r)
+        self.devices = Gauge("asd_producer_devices", "Microphones served by this producer", registry=r)
+
+
+class ProcessorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry
+        self.chunks_consumed = Counter("asd_chunks_consumed_total", "Audio chunks read from asd.audio",
+                                       ["machine_type"], registry=r)
+        self.chunks_duplicate = Counter("asd_chunks_duplicate_total", "Chunks dropped as duplicates (seq seen)",
+                                        registry=r)
+        self.chunks_late = Counter("asd_chunks_late_total", "Chunks older than the window being assembled",
+                                   registry=r)
+        self.windows_scored = Counter("asd_windows_scored_total", "Windows scored",
+                                      ["machine_type"], registry=r)
+        self.windows_skipped = Counter("asd_windows_skipped_total", "Windows not scored, by reason (gap policy)",
+                                       ["reason"], registry=r)
+        self.windows_gap_filled = Counter("asd_windows_gap_filled_total", "Windows scored with zero-filled gaps",
+                                          registry=r)
+        self.batch_size = Histogram("asd_batch_size_windows", "Windows per inference batch",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("asd_inference_seconds", "Model time per inference batch",
+                                           ["device"], buckets=INFERENCE_BUCKETS, registry=r)
+        self.capture_to_score = Histogram("asd_capture_to_score_seconds",
+                                          "From capture of a window's last chunk to its score",
+                                          ["machine_type"], buckets=LATENCY_BUCKETS, registry=r)
+        self.anomalies = Counter("asd_anomalous_windows_total", "Windows over their threshold",
+                                 ["machine_type"], registry=r)
+        self.alerts = Counter("asd_alerts_total", "Alert state changes", ["machine_type", "state"], registry=r)
+        self.alerts_active = Gauge("asd_alerts_active", "Devices currently in alert", ["machine_type"], registry=r)
+        self.dlq = Counter("asd_dlq_messages_total", "Messages sent to the dead-letter topic", ["reason"], registry=r)
+        self.active_devices = Gauge("asd_active_devices", "Devices with buffered state on this worker", registry=r)
+        self.last_score = Gauge("asd_device_last_score", "Last ensemble score per device",
+                                ["device_id", "machine_type"], registry=r)
+        self.threshold = Gauge("asd_device_threshold", "Decision threshold in force per device",
+                               ["device_id", "machine_type"], registry=r)
+        self.model_info = Info("asd_model", "Model bundle in use", registry=r)
+        self.model_loaded_at = Gauge("asd_model_loaded_timestamp_seconds", "When the model in use was loaded",
+                                     registry=r)
+        self.model_reloads = Counter("asd_model_reloads_total", "Model reload attempts by result",
+                                     ["result"], registry=r)
+
+
+def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None = None):
+    """Serve /metrics over HTTP in a background thread; port 0 disables. Returns the server or None."""
+    if not port:
+        return None
+    kwargs = {"registry": registry} if registry is not None else {}
+    server, _thread = start_http_server(port, addr=host, **kwargs)
+    return server
