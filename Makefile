@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv broker-jars lint clean
+.PHONY: demo test test-fast venv broker-jars ops-tools lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ venv: $(STAMP)
 broker-jars: $(STAMP)
 	$(VENV)/bin/stream-asd broker provision
 
+# helm, kubernetes-validate, hadolint, prometheus/promtool, cached under ~/.cache/stream-asd/tools.
+ops-tools:
+	PYTHON=$(PYTHON) scripts/install-ops-tools.sh
+
 demo: broker-jars
 	$(VENV)/bin/stream-asd demo
 
-test: broker-jars
+test: broker-jars ops-tools
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
