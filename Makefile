@@ -20,7 +20,7 @@ venv: $(STAMP)
 broker-jars: $(STAMP)
 	$(VENV)/bin/stream-asd broker provision
 
-# helm, kubernetes-validate, hadolint, prometheus/promtool, cached under ~/.cache/stream-asd/tools.
+# helm, kubernetes-validate, hadolint, prometheus/promtool, cached under ~/.cache/stream-asd-tools.
 ops-tools:
 	PYTHON=$(PYTHON) scripts/install-ops-tools.sh
 

