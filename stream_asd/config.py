@@ -149,6 +149,10 @@ class ProcessorSettings(_Section):
     group_id: str = "stream-asd-processor"
     app_id: str = "stream-asd"
     workers_web_port: int = Field(6066, ge=0, le=65535)
+    session_timeout_seconds: float = Field(
+        30.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move")
+    max_pending_windows: int = Field(1024, ge=1, description="windows queued for scoring before intake waits")
+    datadir: Path | None = Field(None, description="Faust data folder (default: a temporary folder)")
 
 
 class Settings(_Section):

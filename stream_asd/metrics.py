@@ -71,6 +71,17 @@ class ProcessorMetrics:
                                      registry=r)
         self.model_reloads = Counter("asd_model_reloads_total", "Model reload attempts by result",
                                      ["result"], registry=r)
+        # Offset accounting (processor/offsets.py).
+        self.chunks_head = Counter("asd_chunks_head_total",
+                                   "Chunks before the first window of a device this worker just began "
+                                   "reading (re-reads after a restart or rebalance)", registry=r)
+        self.chunks_uncommitted = Gauge("asd_chunks_uncommitted",
+                                        "Chunks read whose offsets cannot be committed yet (windows not scored)",
+                                        registry=r)
+        self.offset_commits = Counter("asd_offset_commits_total", "Offset commits by result", ["result"],
+                                      registry=r)
+        self.windows_in_flight = Gauge("asd_windows_in_flight", "Windows decided but not yet scored and acknowledged",
+                                       registry=r)
 
 
 def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None = None):

@@ -77,10 +77,15 @@ R_OVERSIZE = "oversize_payload"
 R_NON_FINITE = "non_finite_samples"
 R_BAD_JSON = "bad_json"
 R_BAD_RECORD = "bad_record"
+# Valid chunks the stream processor still cannot use (it dead-letters them too).
+R_BAD_CHUNK_LENGTH = "wrong_chunk_length"  # sample count differs from audio.chunk_seconds
+R_UNKNOWN_MACHINE_TYPE = "unknown_machine_type"  # the model bundle has no model for it
+R_PROCESSING_ERROR = "processing_error"  # unexpected error handling this message (a bug)
 REASONS = (
     R_MISSING_KEY, R_KEY_MISMATCH, R_MISSING_HEADER, R_BAD_HEADER, R_UNKNOWN_SCHEMA,
     R_BAD_ENCODING, R_BAD_SAMPLE_RATE, R_BAD_CHANNELS, R_EMPTY, R_TRUNCATED, R_OVERSIZE,
-    R_NON_FINITE, R_BAD_JSON, R_BAD_RECORD,
+    R_NON_FINITE, R_BAD_JSON, R_BAD_RECORD, R_BAD_CHUNK_LENGTH, R_UNKNOWN_MACHINE_TYPE,
+    R_PROCESSING_ERROR,
 )
 
 HeaderList = Sequence[tuple[str, bytes | str | None]]
