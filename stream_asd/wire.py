@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -160,10 +161,14 @@ def pcm16_to_float(pcm: np.ndarray) -> np.ndarray:
 
 
 def _iso_time(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    # Integer arithmetic: ns / 1e9 as a float rounds (and can lose microseconds near 2e18).
+    sec, rem = divmod(int(ns), 1_000_000_000)
+    dt = datetime.fromtimestamp(sec, tz=timezone.utc).replace(microsecond=rem // 1000)
+    return dt.isoformat().replace("+00:00", "Z")
 
 
-def encode_chunk(header: ChunkHeader, pcm: np.ndarray) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+def encode_chunk(header: ChunkHeader, pcm: np.ndarray, *,
+                 max_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """Return (key, value, headers) ready for ``Producer.produce``.
 
     ``pcm`` is int16 (use :func:`float_to_pcm16` for float audio).
@@ -175,6 +180,17 @@ def encode_chunk(header: ChunkHeader, pcm: np.ndarray) -> tuple[bytes, bytes, li
         raise WireFormatError(R_BAD_CHANNELS, f"encode_chunk needs mono 1-D samples, got shape {pcm.shape}")
     if not header.device_id:
         raise WireFormatError(R_MISSING_KEY, "device_id must not be empty")
+    # Refuse here what every reader would refuse (decode_chunk), so the producer learns early.
+    if header.encoding not in SUPPORTED_ENCODINGS:
+        raise WireFormatError(R_BAD_ENCODING, f"encoding {header.encoding!r} is not supported (use {sorted(SUPPORTED_ENCODINGS)})")
+    if header.channels != 1:
+        raise WireFormatError(R_BAD_CHANNELS, f"header says {header.channels} channels; chunks are mono")
+    if header.seq < 0 or header.capture_ns < 0:
+        raise WireFormatError(R_BAD_HEADER, f"seq ({header.seq}) and capture_ns ({header.capture_ns}) must be >= 0")
+    if pcm.size == 0:
+        raise WireFormatError(R_EMPTY, "no samples to send")
+    if pcm.nbytes > max_bytes:
+        raise WireFormatError(R_OVERSIZE, f"payload is {pcm.nbytes} bytes, the limit is {max_bytes}; send shorter chunks")
     value = pcm.astype("<i2", copy=False).tobytes()
     headers = [
         (H_SPECVERSION, b"1.0"),
@@ -208,12 +224,15 @@ def _text(h: dict[str, bytes], name: str) -> str:
     return text
 
 
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
 def _int(h: dict[str, bytes], name: str, minimum: int = 0) -> int:
     text = _text(h, name)
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise WireFormatError(R_BAD_HEADER, f"header {name!r}={text!r} is not an integer") from None
+    # ASCII digits only: int() would also take ' 7', '+7', '1_000' and non-ASCII digits.
+    if not _INT_RE.fullmatch(text):
+        raise WireFormatError(R_BAD_HEADER, f"header {name!r}={text!r} is not an integer")
+    value = int(text, 10)
     if value < minimum:
         raise WireFormatError(R_BAD_HEADER, f"header {name!r}={value} is below {minimum}")
     return value
@@ -337,7 +356,7 @@ class ScoreRecord:
     schema: str = SCORE_SCHEMA
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, separators=(",", ":"), allow_nan=False).encode()
+        return _dump_record(self.__dict__)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "ScoreRecord":
@@ -370,7 +389,7 @@ class AlertRecord:
     schema: str = ALERT_SCHEMA
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, separators=(",", ":"), allow_nan=False).encode()
+        return _dump_record(self.__dict__)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "AlertRecord":
@@ -382,6 +401,14 @@ class AlertRecord:
         if rec.state not in ("raised", "cleared"):
             raise WireFormatError(R_BAD_RECORD, f"alert state {rec.state!r} is not 'raised' or 'cleared'")
         return rec
+
+
+def _dump_record(obj: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN/Inf: JSON has no such numbers and readers would reject them
+        bad = sorted(k for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v))
+        raise WireFormatError(R_NON_FINITE, f"record has non-finite numbers in {bad or 'a nested field'}") from None
 
 
 def new_alert_id() -> str:
