@@ -35,19 +35,15 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from ..config import Settings
 from ..errors import AsdError
 from ..metrics import ProducerMetrics
-from ..wire import KAFKA_MAX_MESSAGE_BYTES, ChunkHeader, encode_chunk, float_to_pcm16
+from ..kafka import producer_conf
+from ..wire import ChunkHeader, encode_chunk, float_to_pcm16
 from .sources import DeviceSource
 
 log = logging.getLogger(__name__)
 
-# Safe defaults as named constants; any of them can be overridden with producer_config.
+# Safe defaults on top of stream_asd.kafka.producer_conf (idempotence, acks=all, lz4, linger,
+# aligned message size); any of them can be overridden with producer_overrides.
 PRODUCER_DEFAULTS: dict[str, Any] = {
-    "enable.idempotence": True,  # no duplicates or reordering from retries
-    "acks": "all",
-    "compression.type": "lz4",  # cheap; PCM compresses little, headers and silence do
-    "linger.ms": 20,  # batch ~20 ms of a fleet's chunks per partition
-    "batch.size": 1_000_000,
-    "message.max.bytes": KAFKA_MAX_MESSAGE_BYTES,  # aligned with the broker's limit (1 MiB payload)
     "queue.buffering.max.messages": 100_000,
     "queue.buffering.max.kbytes": 512 * 1024,  # ~16,000 chunks of 1 s in flight at most
     "message.timeout.ms": 300_000,  # retries for 5 min, then a counted failure
@@ -59,8 +55,8 @@ class ProducerError(AsdError):
 
 
 def producer_config(settings: Settings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """librdkafka configuration: connection/security from settings, then our defaults, then overrides."""
-    conf = dict(settings.kafka.librdkafka())
+    """librdkafka configuration: the shared audio producer config, our defaults, then overrides."""
+    conf = producer_conf(settings)
     conf.update(PRODUCER_DEFAULTS)
     conf.update(overrides or {})
     return conf

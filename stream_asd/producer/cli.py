@@ -104,34 +104,11 @@ def build_sources(args: argparse.Namespace, settings) -> list:
 
 
 def ensure_topic(settings, topic: str) -> None:
-    """Create ``topic`` when missing (idempotent)."""
-    try:
-        from .. import kafka as kafka_mod  # the broker helper's builders, when present
-    except ImportError:
-        kafka_mod = None
-    if kafka_mod is not None and hasattr(kafka_mod, "ensure_topics"):
-        try:
-            kafka_mod.ensure_topics(settings, [topic])
-            return
-        except TypeError:
-            pass  # another signature: fall back to our own
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    """Create ``topic`` when missing (idempotent), with topics.partitions partitions."""
+    from ..kafka import admin_conf, ensure_topics
 
-    admin = AdminClient(settings.kafka.librdkafka())
-    try:
-        md = admin.list_topics(timeout=15)
-    except KafkaException as exc:
-        raise AsdError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}; start one with "
-                       "`stream-asd broker start`") from None
-    if topic in md.topics:
-        return
-    fut = admin.create_topics([NewTopic(topic, settings.topics.partitions, settings.topics.replication_factor)])[topic]
-    try:
-        fut.result(30)
-    except KafkaException as exc:
-        if "TOPIC_ALREADY_EXISTS" not in str(exc):
-            raise AsdError(f"cannot create topic {topic}: {exc}") from None
+    ensure_topics(admin_conf(settings), {topic: settings.topics.partitions},
+                  replication_factor=settings.topics.replication_factor)
 
 
 def run(args: argparse.Namespace) -> int:

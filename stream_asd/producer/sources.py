@@ -295,7 +295,7 @@ def parse_fault(text: str) -> FaultSpec:
     except ValueError:
         raise SourceError(f"--fault {text!r}: AT_SECONDS {at!r} is not a number; expected {FAULT_SYNTAX}") from None
     if not math.isfinite(at_s) or at_s < 0:
-        raise SourceError(f"--fault {text!r}: AT_SECONDS must be >= 0")
+        raise SourceError(f"--fault {text!r}: AT_SECONDS must be >= 0; expected {FAULT_SYNTAX}")
     severity = None
     if len(parts) == 4:
         try:
@@ -303,7 +303,7 @@ def parse_fault(text: str) -> FaultSpec:
         except ValueError:
             raise SourceError(f"--fault {text!r}: SEVERITY {parts[3]!r} is not a number; expected {FAULT_SYNTAX}") from None
         if not (math.isfinite(severity) and severity > 0):
-            raise SourceError(f"--fault {text!r}: SEVERITY must be > 0")
+            raise SourceError(f"--fault {text!r}: SEVERITY must be > 0; expected {FAULT_SYNTAX}")
     return FaultSpec(device, fault_type, at_s, severity)
 
 
