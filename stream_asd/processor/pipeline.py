@@ -1,0 +1,211 @@
+"""The processor's parts composed in one place, independent of Faust (the app feeds it).
+
+message -> decode/validate (DLQ on error) -> window assembly -> micro-batcher -> model runner
+(thread) -> score record (+ alert change) -> broker ack -> window resolved -> offsets done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Hashable, Iterable
+
+import numpy as np
+
+from ..config import Settings
+from ..errors import WireFormatError
+from ..metrics import ProcessorMetrics
+from ..wire import (R_BAD_CHUNK_LENGTH, R_PROCESSING_ERROR, R_UNKNOWN_MACHINE_TYPE, ScoreRecord,
+                    decode_chunk)
+from .alerts import AlertTracker
+from .batcher import MicroBatcher
+from .offsets import OffsetLedger, WindowAccounting
+from .runner import ModelRunner
+from .sinks import SendFn, Sinks
+from .windows import DROP_DUPLICATE, DROP_HEAD, DROP_LATE, Window, WindowAssembler
+
+log = logging.getLogger(__name__)
+
+
+def _tp_fields(tp: Any) -> tuple[str, int]:
+    return str(getattr(tp, "topic", tp)), int(getattr(tp, "partition", -1))
+
+
+class StreamProcessor:
+    """State and logic of one processor worker (one event loop)."""
+
+    def __init__(self, settings: Settings, runner: ModelRunner, send: SendFn, metrics: ProcessorMetrics,
+                 *, clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns):
+        w = settings.window
+        self.settings = settings
+        self.chunk_samples = settings.chunk_samples()
+        self.assembler = WindowAssembler(
+            win=settings.window_chunks(), hop=settings.hop_chunks(), chunk_samples=self.chunk_samples,
+            sample_rate=settings.audio.sample_rate, gap_policy=w.gap_policy, max_gap_chunks=w.max_gap_chunks,
+            reorder_tolerance=w.reorder_tolerance_chunks, idle_evict_seconds=w.idle_evict_seconds)
+        self.ledger = OffsetLedger()
+        self.accounting = WindowAccounting()
+        self.batcher: MicroBatcher[Window] = MicroBatcher(
+            settings.batch.max_size, settings.batch.max_wait_ms / 1000.0, settings.processor.max_pending_windows)
+        self.alerts = AlertTracker(settings.alerts.k, settings.alerts.n, settings.alerts.clear_after)
+        self.runner = runner
+        self.sinks = Sinks(send, settings.topics, metrics)
+        self.metrics = metrics
+        self.clock, self.wall_ns = clock, wall_ns
+        self.device_part: dict[str, Hashable] = {}
+        self.assigned: set | None = None  # None: accept every partition (no group protocol)
+        self.failed: BaseException | None = None
+        self._deliveries: set[asyncio.Task] = set()
+        self.windows_scored = 0
+
+    # -- intake ------------------------------------------------------------------------------
+    async def on_message(self, tp: Hashable, offset: int, key: Any, value: bytes | None, headers: Any) -> None:
+        if self.assigned is not None and tp not in self.assigned:
+            return  # fetched before a revocation: the partition's new owner reads it again
+        self.ledger.track(tp, offset)
+        ref = (tp, offset)
+        try:
+            chunk = decode_chunk(key, value, headers, expected_sample_rate=self.settings.audio.sample_rate,
+                                 max_bytes=self.settings.audio.max_chunk_bytes)
+            if chunk.n_samples != self.chunk_samples:
+                raise WireFormatError(R_BAD_CHUNK_LENGTH, f"{chunk.n_samples} samples, expected {self.chunk_samples} "
+                                      f"(audio.chunk_seconds={self.settings.audio.chunk_seconds})")
+            if not self.runner.can_score(chunk.header.machine_type):
+                raise WireFormatError(R_UNKNOWN_MACHINE_TYPE,
+                                      f"machine type {chunk.header.machine_type!r} is not in model bundle "
+                                      f"{self.runner.version}; train a model for it")
+        except WireFormatError as err:
+            await self._dead_letter(tp, offset, key, value, headers, err)
+            return
+        self.metrics.chunks_consumed.labels(machine_type=chunk.header.machine_type).inc()
+        try:
+            result = self.assembler.add(chunk, ref, self.clock(), part=tp)
+        except Exception as exc:  # a bug must not stop the stream: dead-letter the message
+            log.exception("window assembly failed for %s[%s]@%d", *_tp_fields(tp), offset)
+            await self._dead_letter(tp, offset, key, value, headers,
+                                    WireFormatError(R_PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"))
+            return
+        self.device_part[chunk.device_id] = tp
+        if result.dropped == DROP_DUPLICATE:
+            self.metrics.chunks_duplicate.inc()
+        elif result.dropped == DROP_LATE:
+            self.metrics.chunks_late.inc()
+        elif result.dropped == DROP_HEAD:
+            self.metrics.chunks_head.inc()
+        self.ledger.mark_all_done(result.released)
+        await self._decided(result.windows)
+
+    async def _dead_letter(self, tp, offset, key, value, headers, err: WireFormatError) -> None:
+        topic, partition = _tp_fields(tp)
+        fut = await self.sinks.dead_letter(key, value, headers, err, topic, partition, offset)
+        self._track_delivery([fut], lambda: self.ledger.mark_done((tp, offset)))
+
+    async def _decided(self, windows: Iterable[Window]) -> None:
+        for w in windows:
+            if w.scored:
+                self.accounting.decided(w.device_id, w.serial, w.releases)
+                await self.batcher.put(w)
+            else:
+                self.metrics.windows_skipped.labels(reason=w.skip_reason).inc()
+                self.ledger.mark_all_done(self.accounting.decided(w.device_id, w.serial, w.releases, resolved=True))
+
+    # -- scoring -----------------------------------------------------------------------------
+    async def scoring_loop(self) -> None:
+        while True:
+            batch = await self.batcher.next_batch()
+            await self.score_batch(batch)
+
+    async def score_batch(self, batch: list[Window]) -> None:
+        batch = [w for w in batch if self.accounting.knows(w.serial)]  # drop windows of revoked partitions
+        if not batch:
+            return
+        waves = np.stack([w.samples for w in batch]).astype(np.float32, copy=False)
+        version, results = await self.runner.score_async(
+            waves, [w.machine_type for w in batch], [w.device_id for w in batch])
+        now_ns = self.wall_ns()
+        m = self.metrics
+        for w, r in zip(batch, results):
+            latency = max(0.0, (now_ns - w.end_ns) / 1e9)
+            rec = ScoreRecord(
+                device_id=w.device_id, machine_type=w.machine_type, window_id=w.window_id,
+                first_seq=w.first_seq, last_seq=w.last_seq, window_start_ns=w.start_ns, window_end_ns=w.end_ns,
+                score=float(r.score), scores={k: float(v) for k, v in dict(r.scores).items()},
+                threshold=float(r.threshold), is_anomaly=bool(r.is_anomaly), model_version=version,
+                scored_at_ns=now_ns, capture_to_score_s=latency, flags=list(w.flags))
+            futs = [await self.sinks.score(rec)]
+            mt = w.machine_type
+            m.windows_scored.labels(machine_type=mt).inc()
+            m.capture_to_score.labels(machine_type=mt).observe(latency)
+            m.last_score.labels(device_id=w.device_id, machine_type=mt).set(rec.score)
+            m.threshold.labels(device_id=w.device_id, machine_type=mt).set(rec.threshold)
+            if w.flags:
+                m.windows_gap_filled.inc()
+            if rec.is_anomaly:
+                m.anomalies.labels(machine_type=mt).inc()
+            alert = self.alerts.observe(
+                device_id=w.device_id, machine_type=mt, window_index=w.index, window_id=w.window_id,
+                score=rec.score, threshold=rec.threshold, is_anomaly=rec.is_anomaly, model_version=version,
+                at_ns=now_ns)
+            if alert is not None:
+                futs.append(await self.sinks.alert(alert))
+                m.alerts.labels(machine_type=mt, state=alert.state).inc()
+                m.alerts_active.labels(machine_type=mt).inc(1 if alert.state == "raised" else -1)
+            serial = w.serial
+            self._track_delivery(futs, lambda s=serial: self.ledger.mark_all_done(self.accounting.resolved(s)))
+            self.windows_scored += 1
+
+    def _track_delivery(self, futs: list, on_ok: Callable[[], None]) -> None:
+        async def wait() -> None:
+            try:
+                for f in futs:
+                    await f
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the broker refused a record: stop, a restart redoes it
+                log.error("delivery failed: %r; the worker stops so that its windows are redone", exc)
+                self.failed = self.failed or exc
+                return
+            on_ok()
+
+        task = asyncio.ensure_future(wait())
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def wait_deliveries(self) -> None:
+        while self._deliveries:
+            await asyncio.gather(*list(self._deliveries), return_exceptions=True)
+
+    # -- housekeeping and rebalancing --------------------------------------------------------
+    async def maintenance(self) -> None:
+        """Evict idle devices and refresh gauges (call every second or so)."""
+        windows = self.assembler.evict_idle(self.clock())
+        await self._decided(windows)
+        live = set(self.assembler.devices)
+        for d in [d for d in self.device_part if d not in live and not self.accounting.has_device(d)]:
+            del self.device_part[d]
+        self.metrics.active_devices.set(len(self.assembler))
+        self.metrics.chunks_uncommitted.set(self.ledger.outstanding())
+        self.metrics.windows_in_flight.set(self.accounting.in_flight())
+
+    def commits_due(self, tps: Iterable | None = None) -> dict:
+        due = self.ledger.to_commit()
+        if tps is not None:
+            keep = set(tps)
+            due = {tp: o for tp, o in due.items() if tp in keep}
+        return due
+
+    def on_revoked(self, tps: Iterable) -> None:
+        """Forget every device of the revoked partitions; their new owner rebuilds the windows."""
+        revoked = set(tps)
+        devices = [d for d, tp in self.device_part.items() if tp in revoked]
+        self.assembler.drop_where(lambda dev: dev.part in revoked)
+        self.accounting.forget(devices)
+        for d in devices:
+            self.device_part.pop(d, None)
+        self.ledger.drop(revoked)
+        if self.assigned is not None:
+            self.assigned -= revoked
+
+    def on_assigned(self, tps: Iterable) -> None:
+        self.assigned = set(tps)
