@@ -91,3 +91,17 @@ def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None =
     kwargs = {"registry": registry} if registry is not None else {}
     server, _thread = start_http_server(port, addr=host, **kwargs)
     return server
+
+
+class ArchiverMetrics:
+    """The archiver's series (added by the learning part; additive to the contract above)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry
+        self.chunks = Counter("asd_archive_chunks_total", "Audio chunks the archiver decided on, by result "
+                              "(kept, dropped_anomalous, dropped_unscored, dropped_not_healthy, duplicate, invalid)",
+                              ["result"], registry=r)
+        self.segments = Counter("asd_archive_segments_total", "FLAC segments written durably", registry=r)
+        self.bytes = Counter("asd_archive_bytes_total", "FLAC bytes written durably", registry=r)
+        self.retention_deleted = Counter("asd_archive_retention_deleted_total", "Segments deleted by retention",
+                                         ["reason"], registry=r)
