@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -504,8 +505,12 @@ class LocalBroker:
             log_fh.write(f"\n==== start {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                          f"port {self.port} controller {self.controller_port}\n".encode())
             log_fh.flush()
+            # A test broker dies with the process that started it, even on SIGKILL of that
+            # process (PR_SET_PDEATHSIG; only from the main thread: the signal follows the thread).
+            tie = not self.detach and threading.current_thread() is threading.main_thread()
             self._proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=self.state_dir, start_new_session=True)
+                                          cwd=self.state_dir, start_new_session=True,
+                                          preexec_fn=_die_with_parent if tie else None)
         self.pid_path.write_text(f"{self._proc.pid}\n")
         self._write_state()
         deadline = time.monotonic() + timeout
@@ -584,6 +589,16 @@ class LocalBroker:
 
 class _PortInUse(Exception):
     pass
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except Exception:
+        pass
 
 
 # --------------------------------------------------------------------------------------------
