@@ -221,3 +221,29 @@ def test_archiver_sigkill_loses_nothing_and_shows_no_partial_file(tmp_path, kafk
     summary = json.loads((tmp_path / "summary.json").read_text())
     print(f"archiver crash test: {kills} SIGKILLs, {len(expected)} chunks expected and archived once, "
           f"last run summary {summary}")
+
+
+def test_reader_selection_holdout_and_max_hours(tmp_path):
+    from stream_asd.archive.reader import iter_archive_clips
+
+    store = ArchiveStore(tmp_path / "arch")
+    writer = SegmentWriter(store, ArchiverOptions(segment_seconds=2), lambda chunks: None)
+    day = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    for dev, mt in (("fan-a", "fan"), ("fan-b", "fan"), ("pump-a", "pump")):
+        for seq in range(8):  # 4 segments of 2 s per device, one per day
+            t = int((day + timedelta(days=seq // 2, seconds=seq)).timestamp() * 1e9)
+            key, value, headers = encode_chunk(ChunkHeader(dev, mt, seq, t, "p"), chunk_pcm(dev, seq))
+            writer.add(_Pending(0, seq, decode_chunk(key, value, headers), 0.0), 0.0)
+    writer.flush_all()
+    all_clips = list(iter_archive_clips(tmp_path / "arch"))
+    assert len(all_clips) == 12 and {c.label for c in all_clips} == {"normal"}
+    fans = list(iter_archive_clips(tmp_path / "arch", machine_types=["fan"]))
+    assert {c.machine_id for c in fans} == {"fan-a", "fan-b"}
+    ranged = list(iter_archive_clips(tmp_path / "arch", since="2026-11-21", until="2026-11-22T12:00:00Z"))
+    assert len(ranged) == 6  # days 21 and 22, three devices
+    capped = list(iter_archive_clips(tmp_path / "arch", max_hours=12 / 3600))  # 12 s: 6 newest segments
+    assert len(capped) == 6 and {c.machine_id for c in capped} == {"fan-a", "fan-b", "pump-a"}
+    split = list(iter_archive_clips(tmp_path / "arch", holdout_fraction=0.25))
+    test = [c for c in split if c.split == "test"]
+    assert len(test) == 3 and all("2026-11-23" in str(c.path) for c in test)  # newest of each device
+    assert len(list(iter_archive_clips(tmp_path / "arch", holdout_fraction=0.25, split="train"))) == 9
