@@ -38,3 +38,8 @@ class BundleError(AsdError):
 
 class BrokerError(AsdError):
     """The local Kafka broker could not be provisioned, started or reached."""
+
+
+class UnknownModelGroup(BundleError):
+    """A window's machine type has no model group in the loaded bundle (train one, or map the
+    device to a machine type the bundle covers)."""

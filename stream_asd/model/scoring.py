@@ -1,0 +1,377 @@
+"""Scoring (paper sec. 2.8, method.md "Scoring"): Gaussian NLL per model, standardised, ensembled,
+thresholded per model group (machine type) and per device.
+
+- ``GaussianScorer``: scikit-learn ``GaussianMixture`` (1 component, 1000 EM iterations, full
+  covariance) fitted on training normals. ``nll(X)`` is the negative log-likelihood, computed
+  here in numpy from the exported parameters (so loading a bundle needs no pickled sklearn
+  object); ``score(X)`` standardises it by the mean/std of the training normals' NLL.
+- ``ensemble(fusion_z, stats_z, weights)``: 0.9 * fusion + 0.1 * statistics by default.
+- ``Thresholds``: one threshold per model group (a high quantile of normal scores) and one per
+  device once the device has at least ``min_device_windows`` normal windows.
+- ``EnsembleGroup`` / ``AeGroup``: everything one model group needs, exportable as plain arrays
+  (safetensors) + JSON metadata.
+
+Implementation note (not a deviation): inputs are z-scored per dimension before the GMM. For a
+full-covariance Gaussian that only adds a constant to every NLL, which the NLL standardisation
+removes; it keeps the fit well conditioned when feature scales differ by many orders of
+magnitude (mel power statistics) and makes ``reg_covar`` a relative ridge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "GaussianScorer", "ensemble", "quantile_threshold", "device_quantile_thresholds", "Thresholds",
+    "EnsembleGroup", "AeGroup", "DEFAULT_WEIGHTS", "DEFAULT_QUANTILE", "DEFAULT_MIN_DEVICE_WINDOWS",
+]
+
+DEFAULT_WEIGHTS: tuple[float, float] = (0.9, 0.1)  # (fusion, statistics), paper sec. 2.8
+DEFAULT_QUANTILE = 0.99  # threshold = this quantile of normal scores (the paper sets none)
+DEFAULT_MIN_DEVICE_WINDOWS = 50  # per-device threshold once a device has this many normal windows
+
+
+def _as_2d(x: Any) -> np.ndarray:
+    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"expected a (N, D) array, got shape {a.shape}")
+    return a
+
+
+class GaussianScorer:
+    """GMM anomaly scorer: fit on normals, ``nll`` raw, ``score`` standardised (training normals:
+    mean 0, std 1).
+
+    >>> s = GaussianScorer().fit(train_embeddings)
+    >>> z = s.score(test_embeddings)        # (N,) float64
+    """
+
+    ARRAY_NAMES = ("in_mean", "in_scale", "weights", "means", "precisions_cholesky")
+
+    def __init__(self, n_components: int = 1, max_iter: int = 1000, covariance_type: str = "full",
+                 reg_covar: float = 1e-6, random_state: int = 0, standardise_inputs: bool = True):
+        if covariance_type != "full":
+            raise ValueError("GaussianScorer supports covariance_type='full' only (the paper's setting)")
+        self.n_components = int(n_components)
+        self.max_iter = int(max_iter)
+        self.covariance_type = covariance_type
+        self.reg_covar = float(reg_covar)
+        self.random_state = int(random_state)
+        self.standardise_inputs = bool(standardise_inputs)
+        self.in_mean: np.ndarray | None = None
+        self.in_scale: np.ndarray | None = None
+        self.weights: np.ndarray | None = None
+        self.means: np.ndarray | None = None
+        self.precisions_cholesky: np.ndarray | None = None
+        self.nll_mean = 0.0
+        self.nll_std = 1.0
+        self.n_train = 0
+        self.converged = True
+
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
+    @property
+    def dim(self) -> int:
+        if self.means is None:
+            raise ValueError("GaussianScorer is not fitted")
+        return int(self.means.shape[1])
+
+    def fit(self, X: Any, calibration: Any | None = None) -> "GaussianScorer":
+        """Fit the GMM on normals ``X``; standardise NLLs by their mean/std on ``X`` or, when
+        given, on held-out normals ``calibration`` (better when n_train is not >> dimension:
+        in-sample NLLs of a full-covariance fit are then optimistic and too tightly spread)."""
+        from sklearn.mixture import GaussianMixture  # lazy: only training needs scikit-learn
+
+        X = _as_2d(X)
+        if not np.all(np.isfinite(X)):
+            raise ValueError("GaussianScorer.fit: non-finite values in the training features")
+        if X.shape[0] < 2:
+            raise ValueError("GaussianScorer.fit needs at least 2 samples")
+        if self.standardise_inputs:
+            self.in_mean = X.mean(axis=0)
+            sd = X.std(axis=0)
+            self.in_scale = np.where(sd > 0, sd, 1.0)
+        else:
+            self.in_mean = np.zeros(X.shape[1])
+            self.in_scale = np.ones(X.shape[1])
+        Xs = (X - self.in_mean) / self.in_scale
+        gmm = GaussianMixture(n_components=self.n_components, covariance_type="full", max_iter=self.max_iter,
+                              reg_covar=self.reg_covar, random_state=self.random_state)
+        gmm.fit(Xs)
+        self.weights = np.asarray(gmm.weights_, dtype=np.float64)
+        self.means = np.asarray(gmm.means_, dtype=np.float64)
+        self.precisions_cholesky = np.asarray(gmm.precisions_cholesky_, dtype=np.float64)
+        self.converged = bool(gmm.converged_)
+        self.n_train = int(X.shape[0])
+        self.nll_mean, self.nll_std = 0.0, 1.0
+        train_nll = self.nll(X if calibration is None else _as_2d(calibration))
+        self.nll_mean = float(train_nll.mean())
+        sd = float(train_nll.std())
+        self.nll_std = sd if sd > 0 and math.isfinite(sd) else 1.0
+        return self
+
+    def nll(self, X: Any) -> np.ndarray:
+        """Negative log-likelihood per row (N,), float64, same as ``-GaussianMixture.score_samples``
+        on the standardised inputs."""
+        if not self.fitted:
+            raise ValueError("GaussianScorer is not fitted")
+        X = _as_2d(X)
+        if X.shape[1] != self.dim:
+            raise ValueError(f"feature dimension {X.shape[1]} != fitted dimension {self.dim}")
+        Xs = (X - self.in_mean) / self.in_scale
+        d = Xs.shape[1]
+        log_probs = []
+        for k in range(self.weights.shape[0]):
+            L = self.precisions_cholesky[k]
+            y = (Xs - self.means[k]) @ L
+            log_det = np.sum(np.log(np.diag(L)))
+            log_probs.append(-0.5 * (d * math.log(2 * math.pi) + np.sum(y * y, axis=1)) + log_det
+                             + math.log(self.weights[k]))
+        lp = np.stack(log_probs, axis=1)
+        m = lp.max(axis=1, keepdims=True)
+        return -(m[:, 0] + np.log(np.exp(lp - m).sum(axis=1)))
+
+    def score(self, X: Any) -> np.ndarray:
+        """Standardised NLL: (nll - mean_train) / std_train."""
+        return (self.nll(X) - self.nll_mean) / self.nll_std
+
+    # --- plain-array export (never pickle) ---------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        if not self.fitted:
+            raise ValueError("GaussianScorer is not fitted")
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in self.ARRAY_NAMES}
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"n_components": self.n_components, "max_iter": self.max_iter,
+                "covariance_type": self.covariance_type, "reg_covar": self.reg_covar,
+                "random_state": self.random_state, "standardise_inputs": self.standardise_inputs,
+                "nll_mean": self.nll_mean, "nll_std": self.nll_std, "n_train": self.n_train,
+                "converged": self.converged, "dim": self.dim}
+
+    @classmethod
+    def from_parts(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "GaussianScorer":
+        s = cls(n_components=meta["n_components"], max_iter=meta["max_iter"],
+                covariance_type=meta["covariance_type"], reg_covar=meta["reg_covar"],
+                random_state=meta["random_state"], standardise_inputs=meta["standardise_inputs"])
+        for name in cls.ARRAY_NAMES:
+            setattr(s, name, np.asarray(arrays[name], dtype=np.float64))
+        s.nll_mean = float(meta["nll_mean"])
+        s.nll_std = float(meta["nll_std"])
+        s.n_train = int(meta["n_train"])
+        s.converged = bool(meta["converged"])
+        k, d = s.means.shape
+        if (s.weights.shape != (k,) or s.precisions_cholesky.shape != (k, d, d)
+                or s.in_mean.shape != (d,) or s.in_scale.shape != (d,) or d != int(meta["dim"])):
+            raise ValueError("GaussianScorer arrays have inconsistent shapes")
+        if not (s.nll_std > 0 and math.isfinite(s.nll_std) and math.isfinite(s.nll_mean)):
+            raise ValueError("GaussianScorer nll_mean/nll_std invalid")
+        return s
+
+
+def ensemble(fusion_z: Any, stats_z: Any, weights: Sequence[float] = DEFAULT_WEIGHTS) -> np.ndarray:
+    """Ensemble score (eq. 9 on standardised scores): w_fusion * fusion_z + w_stats * stats_z."""
+    if len(weights) != 2:
+        raise ValueError("ensemble weights are (fusion, statistics)")
+    return float(weights[0]) * np.asarray(fusion_z, dtype=np.float64) + float(weights[1]) * np.asarray(stats_z, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------
+
+def quantile_threshold(scores: Any, q: float = DEFAULT_QUANTILE) -> float:
+    """The q-quantile of normal scores (linear interpolation)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        raise ValueError("quantile_threshold needs at least one score")
+    if not 0 < q <= 1:
+        raise ValueError("q must be in (0, 1]")
+    return float(np.quantile(s, q))
+
+
+def device_quantile_thresholds(scores: Any, device_ids: Sequence[str], q: float = DEFAULT_QUANTILE,
+                               min_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> dict[str, float]:
+    """Per-device q-quantile, only for devices with at least ``min_windows`` normal scores."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    ids = np.asarray([str(d) for d in device_ids])
+    if ids.shape[0] != s.shape[0]:
+        raise ValueError("scores and device_ids differ in length")
+    out: dict[str, float] = {}
+    for dev in sorted(set(ids.tolist())):
+        sel = s[ids == dev]
+        if sel.size >= min_windows:
+            out[dev] = quantile_threshold(sel, q)
+    return out
+
+
+@dataclass
+class Thresholds:
+    """Decision thresholds of one model group: ``group`` and optional ``per_device``."""
+
+    group: float = math.inf
+    per_device: dict[str, float] = field(default_factory=dict)
+    quantile: float = DEFAULT_QUANTILE
+    min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS
+
+    @classmethod
+    def calibrate(cls, normal_scores: Any, device_ids: Sequence[str] | None = None,
+                  quantile: float = DEFAULT_QUANTILE,
+                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> "Thresholds":
+        per_device = ({} if device_ids is None else
+                      device_quantile_thresholds(normal_scores, device_ids, quantile, min_device_windows))
+        return cls(quantile_threshold(normal_scores, quantile), per_device, quantile, min_device_windows)
+
+    def for_device(self, device_id: str) -> float:
+        return self.per_device.get(str(device_id), self.group)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"group": _json_float(self.group), "per_device": {k: _json_float(v) for k, v in sorted(self.per_device.items())},
+                "quantile": self.quantile, "min_device_windows": self.min_device_windows}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "Thresholds":
+        return cls(_float_json(meta["group"]), {str(k): _float_json(v) for k, v in meta.get("per_device", {}).items()},
+                   float(meta.get("quantile", DEFAULT_QUANTILE)), int(meta.get("min_device_windows", DEFAULT_MIN_DEVICE_WINDOWS)))
+
+
+def _json_float(v: float) -> float | str:
+    # JSON has no infinity; an uncalibrated threshold is stored as the string "inf".
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _float_json(v: Any) -> float:
+    return float(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Model groups (one per machine type)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class EnsembleGroup:
+    """Scoring state of one model group of the ensemble: GMMs on fusion embeddings and on
+    statistics features, the statistics lambda, ensemble weights and thresholds."""
+
+    name: str
+    fusion: GaussianScorer
+    stats: GaussianScorer
+    stats_lambda: np.ndarray
+    weights: tuple[float, float] = DEFAULT_WEIGHTS
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    info: dict[str, Any] = field(default_factory=dict)  # free-form (n_train, device list, ...)
+
+    @classmethod
+    def fit(cls, name: str, fusion_embeddings: Any, band_means: Any, stats_lambda: Any | None = None,
+            device_ids: Sequence[str] | None = None, weights: Sequence[float] = DEFAULT_WEIGHTS,
+            quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS,
+            reg_covar: float = 1e-6, max_iter: int = 1000, calib_fusion: Any | None = None,
+            calib_band_means: Any | None = None, calib_device_ids: Sequence[str] | None = None) -> "EnsembleGroup":
+        """Fit both GMMs on training normals of this group. NLL standardisation and thresholds
+        come from the same normals, or from held-out normals ``calib_*`` when given.
+
+        ``band_means``: per-band time means of the mel power (B, M), from ``EnsembleModel.embed``.
+        ``stats_lambda``: eq. 8 weights (M,); fitted here from ``band_means`` if None (the mean of
+        per-clip means equals the mean over clips and frames for equal-length windows)."""
+        bm = _as_2d(band_means)
+        lam = (bm.mean(axis=0) / bm.mean(axis=0).sum()) if stats_lambda is None else np.asarray(stats_lambda, dtype=np.float64)
+        held_out = calib_fusion is not None
+        if held_out != (calib_band_means is not None):
+            raise ValueError("give both calib_fusion and calib_band_means, or neither")
+        cbm = _as_2d(calib_band_means) if held_out else None
+        fusion = GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(fusion_embeddings, calib_fusion)
+        stats = GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(bm * lam, None if cbm is None else cbm * lam)
+        group = cls(name, fusion, stats, lam, (float(weights[0]), float(weights[1])))
+        group.info["n_train"] = int(bm.shape[0])
+        if held_out:
+            group.info["n_calibration"] = int(cbm.shape[0])
+            group.calibrate(calib_fusion, cbm, calib_device_ids, quantile, min_device_windows)
+        else:
+            group.calibrate(fusion_embeddings, bm, device_ids, quantile, min_device_windows)
+        return group
+
+    def scores(self, fusion_embeddings: Any, band_means: Any) -> dict[str, np.ndarray]:
+        """{'fusion': z, 'stats': z, 'ensemble': w . z} per row."""
+        zf = self.fusion.score(fusion_embeddings)
+        zs = self.stats.score(_as_2d(band_means) * self.stats_lambda)
+        return {"fusion": zf, "stats": zs, "ensemble": ensemble(zf, zs, self.weights)}
+
+    def calibrate(self, fusion_embeddings: Any, band_means: Any, device_ids: Sequence[str] | None = None,
+                  quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> Thresholds:
+        self.thresholds = Thresholds.calibrate(self.scores(fusion_embeddings, band_means)["ensemble"], device_ids,
+                                               quantile, min_device_windows)
+        return self.thresholds
+
+    def to_parts(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrays = {f"{prefix}.stats_lambda": np.ascontiguousarray(self.stats_lambda, dtype=np.float64)}
+        for part in ("fusion", "stats"):
+            for k, v in getattr(self, part).to_arrays().items():
+                arrays[f"{prefix}.{part}.{k}"] = v
+        meta = {"arrays": prefix, "weights": list(self.weights), "fusion": self.fusion.to_meta(),
+                "stats": self.stats.to_meta(), "thresholds": self.thresholds.to_meta(), "info": self.info}
+        return meta, arrays
+
+    @classmethod
+    def from_parts(cls, name: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "EnsembleGroup":
+        prefix = meta["arrays"]
+
+        def sub(part: str) -> dict[str, np.ndarray]:
+            return {k: arrays[f"{prefix}.{part}.{k}"] for k in GaussianScorer.ARRAY_NAMES}
+
+        fusion = GaussianScorer.from_parts(meta["fusion"], sub("fusion"))
+        stats = GaussianScorer.from_parts(meta["stats"], sub("stats"))
+        lam = np.asarray(arrays[f"{prefix}.stats_lambda"], dtype=np.float64)
+        if lam.shape != (stats.dim,):
+            raise ValueError(f"stats_lambda has shape {lam.shape}, statistics GMM has dimension {stats.dim}")
+        w = meta["weights"]
+        return cls(name, fusion, stats, lam, (float(w[0]), float(w[1])), Thresholds.from_meta(meta["thresholds"]),
+                   dict(meta.get("info", {})))
+
+
+@dataclass
+class AeGroup:
+    """Scoring state of one model group of the AE baseline: the index of its autoencoder,
+    mean/std of the training normals' reconstruction errors, thresholds."""
+
+    name: str
+    index: int
+    err_mean: float = 0.0
+    err_std: float = 1.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def fit_standardisation(self, train_errors: Any) -> None:
+        e = np.asarray(train_errors, dtype=np.float64).ravel()
+        if e.size < 2:
+            raise ValueError("need at least 2 training errors")
+        self.err_mean = float(e.mean())
+        sd = float(e.std())
+        self.err_std = sd if sd > 0 else 1.0
+        self.info["n_train"] = int(e.size)
+
+    def scores(self, errors: Any) -> np.ndarray:
+        return (np.asarray(errors, dtype=np.float64) - self.err_mean) / self.err_std
+
+    def calibrate(self, errors: Any, device_ids: Sequence[str] | None = None, quantile: float = DEFAULT_QUANTILE,
+                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> Thresholds:
+        self.thresholds = Thresholds.calibrate(self.scores(errors), device_ids, quantile, min_device_windows)
+        return self.thresholds
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"index": self.index, "err_mean": self.err_mean, "err_std": self.err_std,
+                "thresholds": self.thresholds.to_meta(), "info": self.info}
+
+    @classmethod
+    def from_meta(cls, name: str, meta: Mapping[str, Any]) -> "AeGroup":
+        g = cls(name, int(meta["index"]), float(meta["err_mean"]), float(meta["err_std"]),
+                Thresholds.from_meta(meta["thresholds"]), dict(meta.get("info", {})))
+        if not (g.err_std > 0 and math.isfinite(g.err_std)):
+            raise ValueError("err_std must be a positive number")
+        return g

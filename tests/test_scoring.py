@@ -1,0 +1,106 @@
+"""GMM scorer, NLL standardisation, ensemble weights, thresholds."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture
+
+from stream_asd.model.scoring import (AeGroup, EnsembleGroup, GaussianScorer, Thresholds,
+                                      device_quantile_thresholds, ensemble, quantile_threshold)
+
+
+def normals(n=400, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((d, d))
+    return rng.standard_normal((n, d)) @ a + rng.uniform(-5, 5, d)
+
+
+def test_training_normals_standardise_to_mean0_std1():
+    x = normals()
+    s = GaussianScorer().fit(x)
+    z = s.score(x)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+    assert s.n_train == 400 and s.converged
+
+
+def test_nll_equals_sklearn_on_standardised_inputs():
+    x, test = np.split(normals(450, seed=1), [400])
+    s = GaussianScorer(standardise_inputs=False).fit(x)
+    gmm = GaussianMixture(1, covariance_type="full", max_iter=1000, random_state=0).fit(x)
+    assert np.allclose(s.nll(x), -gmm.score_samples(x), rtol=1e-9, atol=1e-9)
+    # standardising inputs only shifts NLL by a constant: standardised scores agree
+    s2 = GaussianScorer(standardise_inputs=True).fit(x)
+    assert np.allclose(s.score(test), s2.score(test), atol=2e-3)  # reg_covar acts on different scales
+
+
+def test_far_points_score_higher_and_scales_are_comparable():
+    x = normals(seed=3)
+    big = GaussianScorer().fit(x * 1e6)      # e.g. mel power statistics
+    small = GaussianScorer().fit(x * 1e-3)   # e.g. embeddings
+    out = x[:5] + 50.0
+    assert np.all(big.score(out * 1e6) > 5) and np.all(small.score(out * 1e-3) > 5)
+    assert np.allclose(big.score(x[:20] * 1e6), small.score(x[:20] * 1e-3), atol=1e-3)
+
+
+def test_calibration_set_standardisation():
+    x = normals(seed=4)
+    cal = normals(100, seed=5)
+    s = GaussianScorer().fit(x, calibration=cal)
+    z = s.score(cal)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+
+
+def test_export_import_plain_arrays_is_exact():
+    x = normals(seed=6)
+    s = GaussianScorer(reg_covar=1e-3).fit(x)
+    arrays = s.to_arrays()
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for v in arrays.values())
+    t = GaussianScorer.from_parts(s.to_meta(), arrays)
+    assert np.array_equal(s.nll(x), t.nll(x))
+    bad = dict(arrays, means=arrays["means"][:, :3])
+    with pytest.raises(ValueError):
+        GaussianScorer.from_parts(s.to_meta(), bad)
+
+
+def test_ensemble_weights():
+    assert np.allclose(ensemble([1.0, 2.0], [10.0, -10.0]), [0.9 + 1.0, 1.8 - 1.0])
+    assert np.allclose(ensemble([1.0], [3.0], (0.5, 0.5)), [2.0])
+    with pytest.raises(ValueError):
+        ensemble([1.0], [1.0], (1.0,))
+
+
+def test_group_and_device_thresholds():
+    s = np.arange(100, dtype=float)
+    assert math.isclose(quantile_threshold(s, 0.99), 98.01)
+    ids = ["a"] * 60 + ["b"] * 40
+    per = device_quantile_thresholds(s, ids, q=0.5, min_windows=50)
+    assert list(per) == ["a"] and math.isclose(per["a"], 29.5)
+    th = Thresholds.calibrate(s, ids, quantile=0.5, min_device_windows=40)
+    assert math.isclose(th.group, 49.5) and math.isclose(th.for_device("b"), 79.5)
+    assert th.for_device("unknown") == th.group
+    assert Thresholds.from_meta(th.to_meta()) == th
+    assert Thresholds.from_meta(Thresholds().to_meta()).group == math.inf
+
+
+def test_ensemble_group_fit_scores_and_round_trip():
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((300, 8))
+    bm = np.abs(rng.standard_normal((300, 12))) * np.linspace(1, 1e4, 12)
+    g = EnsembleGroup.fit("fan", emb, bm, device_ids=["d"] * 300, quantile=0.95, min_device_windows=100)
+    assert math.isclose(float(g.stats_lambda.sum()), 1.0)
+    sc = g.scores(emb, bm)
+    assert abs(sc["fusion"].mean()) < 1e-9 and abs(sc["stats"].std() - 1) < 1e-9
+    assert np.allclose(sc["ensemble"], 0.9 * sc["fusion"] + 0.1 * sc["stats"])
+    assert math.isclose(g.thresholds.group, float(np.quantile(sc["ensemble"], 0.95)))
+    assert "d" in g.thresholds.per_device
+    meta, arrays = g.to_parts("g0")
+    h = EnsembleGroup.from_parts("fan", meta, arrays)
+    assert np.array_equal(h.scores(emb, bm)["ensemble"], sc["ensemble"])
+
+
+def test_ae_group_standardisation():
+    g = AeGroup("fan", 0)
+    g.fit_standardisation([1.0, 2.0, 3.0])
+    assert np.allclose(g.scores([2.0, 2.0 + math.sqrt(2 / 3)]), [0.0, 1.0])
+    assert AeGroup.from_meta("fan", g.to_meta()) == g
