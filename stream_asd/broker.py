@@ -159,13 +159,18 @@ def provision(version: str = KAFKA_VERSION, *, force: bool = False, timeout: flo
     ``mvn`` (its local repository lives in the cache too). Safe to call from several
     processes at once: they wait on a file lock and the later ones find the cache complete.
     """
+    return _provision(version, force=force, timeout=timeout)[0]
+
+
+def _provision(version: str, *, force: bool, timeout: float) -> tuple[Path, bool]:
+    """(libs folder, whether Maven ran)."""
     libs = libs_dir(version)
     if not force and _check_marker(libs, version):
-        return libs
+        return libs, False
     home = kafka_home(version)
     with _file_lock(cache_root() / f"kafka-{version}.lock"):
         if not force and _check_marker(libs, version):
-            return libs  # another process finished while we waited
+            return libs, False  # another process finished while we waited
         mvn = shutil.which("mvn")
         if not mvn:
             raise BrokerError("mvn (Apache Maven) not found: it resolves the Kafka jars from Maven Central "
@@ -209,7 +214,7 @@ def provision(version: str = KAFKA_VERSION, *, force: bool = False, timeout: flo
             log.info("Kafka %s: %d jars in %s (%.1f s)", version, len(jars), libs, marker["resolve_seconds"])
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return libs
+    return libs, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,10 +700,9 @@ def run(args: argparse.Namespace) -> int:
     action = args.broker_action
     if action == "provision":
         t0 = time.monotonic()
-        cached = is_provisioned(args.kafka_version) and not args.force
-        libs = provision(args.kafka_version, force=args.force)
+        libs, resolved = _provision(args.kafka_version, force=args.force, timeout=900.0)
         n = len(list(libs.glob("*.jar")))
-        how = "cached" if cached else "resolved from Maven Central"
+        how = "resolved from Maven Central" if resolved else "cached"
         print(f"Kafka {args.kafka_version}: {n} jars in {libs} ({how}, {time.monotonic() - t0:.1f} s)")
         return 0
     if action == "start":
