@@ -101,6 +101,7 @@ def test_marker_detects_incomplete_cache(tmp_path, monkeypatch):
     assert not B.is_provisioned("9.9.9")
 
 
+@pytest.mark.kafka  # needs mvn and Maven Central
 def test_provision_reports_the_maven_error_for_a_missing_version(tmp_path, monkeypatch):
     """An unresolvable artifact gives a BrokerError with Maven's own message (offline-safe:
     a version that does not exist fails the same way with or without a network)."""
