@@ -57,6 +57,7 @@ class StreamProcessor:
         self.assigned: set | None = None  # None: accept every partition (no group protocol)
         self.failed: BaseException | None = None
         self._deliveries: set[asyncio.Task] = set()
+        self._scoring = False
         self.windows_scored = 0
 
     # -- intake ------------------------------------------------------------------------------
@@ -114,7 +115,19 @@ class StreamProcessor:
     async def scoring_loop(self) -> None:
         while True:
             batch = await self.batcher.next_batch()
-            await self.score_batch(batch)
+            self._scoring = True
+            try:
+                await self.score_batch(batch)
+            finally:
+                self._scoring = False
+
+    async def drain(self) -> None:
+        """Wait until every queued window is scored and every record acknowledged."""
+        while self.batcher.pending() or self._scoring:
+            if self.failed is not None:
+                return
+            await asyncio.sleep(0.05)
+        await self.wait_deliveries()
 
     async def score_batch(self, batch: list[Window]) -> None:
         batch = [w for w in batch if self.accounting.knows(w.serial)]  # drop windows of revoked partitions

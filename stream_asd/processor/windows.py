@@ -219,8 +219,11 @@ class WindowAssembler:
         first = k * self.hop
         last = first + self.win - 1
         present = {s: dev.chunks[s] for s in range(first, last + 1) if s in dev.chunks}
-        anchor_seq = min(present)
-        start_ns = present[anchor_seq].capture_ns - (anchor_seq - first) * self.chunk_ns
+        # Capture times come from the chunks themselves (start from the first present chunk, end
+        # from the last), so that the latency counts from when the window's last sample was heard.
+        lo, hi = min(present), max(present)
+        start_ns = present[lo].capture_ns - (lo - first) * self.chunk_ns
+        end_ns = present[hi].capture_ns + (last - hi + 1) * self.chunk_ns
         missing = self.win - len(present)
         samples = None
         flags: list[str] = []
@@ -239,7 +242,7 @@ class WindowAssembler:
         self._serial += 1
         return Window(
             device_id=dev.device_id, machine_type=dev.machine_type, index=k, first_seq=first,
-            last_seq=last, start_ns=start_ns, end_ns=start_ns + self.win * self.chunk_ns,
+            last_seq=last, start_ns=start_ns, end_ns=end_ns,
             samples=samples, releases=releases, flags=flags, missing=missing,
             skip_reason=skip_reason, serial=self._serial,
         )
