@@ -104,3 +104,20 @@ def test_ae_group_standardisation():
     g.fit_standardisation([1.0, 2.0, 3.0])
     assert np.allclose(g.scores([2.0, 2.0 + math.sqrt(2 / 3)]), [0.0, 1.0])
     assert AeGroup.from_meta("fan", g.to_meta()) == g
+
+
+def test_calibrate_on_held_out_normals_restandardises():
+    rng = np.random.default_rng(8)
+    # fewer fit windows than dimensions: in-sample NLLs are tight, held-out ones explode
+    emb = rng.standard_normal((60, 40))
+    bm = np.abs(rng.standard_normal((60, 48))) + 1.0
+    g = EnsembleGroup.fit("fan", emb[:30], bm[:30], reg_covar=1e-2)
+    raw = g.scores(emb[30:], bm[30:])["ensemble"]
+    assert raw.mean() > 10  # far off the in-sample scale
+    g.calibrate(emb[30:], bm[30:], quantile=0.9)
+    z = g.scores(emb[30:], bm[30:])
+    assert abs(z["fusion"].mean()) < 1e-9 and abs(z["stats"].std() - 1) < 1e-9
+    assert g.info["standardised_on"] == 30
+    assert math.isclose(g.thresholds.group, float(np.quantile(z["ensemble"], 0.9)))
+    # ranking is unchanged by the restandardisation (affine per model)
+    assert np.array_equal(np.argsort(z["fusion"]), np.argsort(g.fusion.nll(emb[30:])))

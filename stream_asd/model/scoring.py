@@ -33,6 +33,7 @@ __all__ = [
 DEFAULT_WEIGHTS: tuple[float, float] = (0.9, 0.1)  # (fusion, statistics), paper sec. 2.8
 DEFAULT_QUANTILE = 0.99  # threshold = this quantile of normal scores (the paper sets none)
 DEFAULT_MIN_DEVICE_WINDOWS = 50  # per-device threshold once a device has this many normal windows
+MIN_RESTANDARDISE = 10  # EnsembleGroup.calibrate re-estimates NLL mean/std from this many windows on
 
 
 def _as_2d(x: Any) -> np.ndarray:
@@ -112,10 +113,7 @@ class GaussianScorer:
         self.converged = bool(gmm.converged_)
         self.n_train = int(X.shape[0])
         self.nll_mean, self.nll_std = 0.0, 1.0
-        train_nll = self.nll(X if calibration is None else _as_2d(calibration))
-        self.nll_mean = float(train_nll.mean())
-        sd = float(train_nll.std())
-        self.nll_std = sd if sd > 0 and math.isfinite(sd) else 1.0
+        self.restandardise(X if calibration is None else calibration)
         return self
 
     def nll(self, X: Any) -> np.ndarray:
@@ -138,6 +136,14 @@ class GaussianScorer:
         lp = np.stack(log_probs, axis=1)
         m = lp.max(axis=1, keepdims=True)
         return -(m[:, 0] + np.log(np.exp(lp - m).sum(axis=1)))
+
+    def restandardise(self, X: Any) -> None:
+        """Re-estimate the NLL mean/std on these normals (e.g. held-out calibration windows)."""
+        self.nll_mean, self.nll_std = 0.0, 1.0
+        nll = self.nll(X)
+        self.nll_mean = float(nll.mean())
+        sd = float(nll.std())
+        self.nll_std = sd if sd > 0 and math.isfinite(sd) else 1.0
 
     def score(self, X: Any) -> np.ndarray:
         """Standardised NLL: (nll - mean_train) / std_train."""
@@ -294,7 +300,7 @@ class EnsembleGroup:
             group.info["n_calibration"] = int(cbm.shape[0])
             group.calibrate(calib_fusion, cbm, calib_device_ids, quantile, min_device_windows)
         else:
-            group.calibrate(fusion_embeddings, bm, device_ids, quantile, min_device_windows)
+            group.calibrate(fusion_embeddings, bm, device_ids, quantile, min_device_windows, restandardise=False)
         return group
 
     def scores(self, fusion_embeddings: Any, band_means: Any) -> dict[str, np.ndarray]:
@@ -304,7 +310,17 @@ class EnsembleGroup:
         return {"fusion": zf, "stats": zs, "ensemble": ensemble(zf, zs, self.weights)}
 
     def calibrate(self, fusion_embeddings: Any, band_means: Any, device_ids: Sequence[str] | None = None,
-                  quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> Thresholds:
+                  quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS,
+                  restandardise: bool = True) -> Thresholds:
+        """Thresholds from these normals' ensemble scores. With ``restandardise`` (default) and at
+        least ``MIN_RESTANDARDISE`` windows, both NLL standardisations are first re-estimated on
+        them: pass held-out normals here. In-sample NLLs of a full-covariance GMM fitted on few
+        windows (n not >> dimension) are far too optimistic and tightly spread, which would make
+        held-out normals score in the thousands and the 0.9/0.1 weighting meaningless."""
+        if restandardise and _as_2d(band_means).shape[0] >= MIN_RESTANDARDISE:
+            self.fusion.restandardise(fusion_embeddings)
+            self.stats.restandardise(_as_2d(band_means) * self.stats_lambda)
+            self.info["standardised_on"] = int(_as_2d(band_means).shape[0])
         self.thresholds = Thresholds.calibrate(self.scores(fusion_embeddings, band_means)["ensemble"], device_ids,
                                                quantile, min_device_windows)
         return self.thresholds
