@@ -41,6 +41,9 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
         broker.start(port=0)
         yield broker
     finally:
+        import gc
+
+        gc.collect()  # let forgotten clients close before their broker goes
         broker.stop()
 
 
