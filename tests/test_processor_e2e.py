@@ -196,3 +196,153 @@ def test_streaming_equals_offline(fleet_run, bundle):
                 assert rec.scores[name] == pytest.approx(v, rel=1e-4, abs=1e-4)
             checked += 1
     assert checked >= 4 * n_windows(N_CHUNKS)
+
+
+# ------------------------------------------------------------------------------------------------
+def malformed_cases(m: ps.Machine) -> list[tuple[str, bytes | None, bytes | None, list, str]]:
+    """(kind, key, value, headers, expected DLQ reason): 25 kinds of bad chunks."""
+    key, value, headers = ps.chunk_message(m, 5)
+    hdr = dict(headers)
+
+    def h(**changes: bytes | None) -> list:
+        out = dict(hdr)
+        for name, v in changes.items():
+            name = name.replace("__", "-") if name == "content__type" else f"ce_{name}"
+            if v is None:
+                out.pop(name, None)
+            else:
+                out[name] = v
+        return list(out.items())
+
+    nan32 = np.full(8000, np.nan, dtype="<f4").tobytes()
+    return [
+        ("garbage bytes, no headers", b"junk", os.urandom(999), [], "missing_header"),
+        ("headerless PCM", key, value, [], "missing_header"),
+        ("missing seq", key, value, h(seq=None), "missing_header"),
+        ("missing device id", key, value, h(deviceid=None), "missing_header"),
+        ("missing capture time", key, value, h(capturens=None), "missing_header"),
+        ("unknown schema version", key, value, h(asdschema=b"2"), "unknown_schema_version"),
+        ("non-numeric schema version", key, value, h(asdschema=b"abc"), "unknown_schema_version"),
+        ("empty schema version", key, value, h(asdschema=b""), "bad_header"),
+        ("wrong sample rate", key, value, h(samplerate=b"8000"), "wrong_sample_rate"),
+        ("zero sample rate", key, value, h(samplerate=b"0"), "bad_header"),
+        ("stereo", key, value, h(channels=b"2"), "unsupported_channels"),
+        ("NaN float32 payload", key, nan32, h(encoding=b"pcm_f32le"), "unsupported_encoding"),
+        ("truncated payload", key, value[:-1], headers, "truncated_payload"),
+        ("empty payload", key, b"", headers, "empty_payload"),
+        ("oversize payload", key, value + value[:18000], headers, "oversize_payload"),
+        ("no key", None, value, headers, "missing_key"),
+        ("key differs from device id", b"someone-else", value, headers, "key_mismatch"),
+        ("non-integer seq", key, value, h(seq=b"x"), "bad_header"),
+        ("negative seq", key, value, h(seq=b"-1"), "bad_header"),
+        ("seq with a space", key, value, h(seq=b" 7"), "bad_header"),
+        ("non-UTF-8 machine type", key, value, h(machinetype=b"\xff\xfe"), "bad_header"),
+        ("empty machine type", key, value, h(machinetype=b""), "bad_header"),
+        ("non-integer capture time", key, value, h(capturens=b"soon"), "bad_header"),
+        ("half-length chunk", key, value[:16000], headers, "wrong_chunk_length"),
+        ("machine type without a model", key, value, h(machinetype=b"turbine"), "unknown_machine_type"),
+    ]
+
+
+def test_bad_input_goes_to_dlq_and_stream_keeps_scoring(kafka_bootstrap, tmp_path, bundle):
+    from stream_asd.errors import WireFormatError
+    from stream_asd.wire import decode_chunk
+
+    n = names("bad")
+    create_topics(kafka_bootstrap, n, 1)
+    machines = ps.fleet(3, faulty=())
+    cases = malformed_cases(machines[0])
+    assert len({c[0] for c in cases}) >= 20
+    n_chunks = 12
+    items: list = []
+    bad = list(cases)
+    for seq in range(n_chunks):
+        items += [ps.chunk_message(m, seq) for m in machines]
+        for _ in range(3):
+            if bad:
+                kind, key, value, headers, reason = bad.pop(0)
+                items.append((key, value, list(headers) + [("x-case", kind.encode())]))
+    assert not bad
+    worker = ps.Worker(kafka_bootstrap, worker_sets(n, tmp_path / "w", 1, **{"audio.max_chunk_bytes": 40000}),
+                       tmp_path / "worker.log", bundle)
+    try:
+        worker.wait_metrics()
+        ps.wait_group_members(kafka_bootstrap, n["group"], 1)
+        ps.produce_chunks(kafka_bootstrap, n["audio"], items)
+        ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], 1, timeout=90)
+        dlq = ps.read_topic(kafka_bootstrap, n["dlq"], min_count=len(cases), timeout=30, idle=1)
+        scores = scores_of(ps.read_topic(kafka_bootstrap, n["scores"], min_count=3 * n_windows(n_chunks), timeout=30, idle=1))
+        metrics = worker.metrics()
+    finally:
+        worker.kill()
+    by_kind = {ps.header_dict(m)["x-case"].decode(): m for m in dlq}
+    assert sorted(by_kind) == sorted(c[0] for c in cases), "every malformed chunk is in the DLQ, once"
+    assert len(dlq) == len(cases)
+    for kind, key, value, headers, reason in cases:
+        msg = by_kind[kind]
+        got = ps.header_dict(msg)
+        assert got[H_DLQ_REASON].decode() == reason, kind
+        assert (msg.value() or b"") == (value or b""), f"{kind}: original bytes kept"
+        assert msg.key() == key, kind
+        assert got["asd_dlq_topic"].decode() == n["audio"]
+        for name, v in headers:
+            assert got[name] == v, f"{kind}: original header {name} kept"
+        if reason not in ("wrong_chunk_length", "unknown_machine_type"):  # the processor's own checks
+            with pytest.raises(WireFormatError) as err:
+                decode_chunk(key, value, headers, max_bytes=40000)
+            assert err.value.reason == reason
+    assert_every_chunk_scored(scores, machines, n_chunks)
+    assert len({s.window_id for s in scores}) == 3 * n_windows(n_chunks)
+    for reason in {c[4] for c in cases}:
+        assert ps.metric_sum(metrics, "asd_dlq_messages_total", reason=reason) == sum(c[4] == reason for c in cases)
+    assert ps.metric_sum(metrics, "asd_chunks_consumed_total") == 3 * n_chunks
+
+
+# ------------------------------------------------------------------------------------------------
+def test_sigkill_mid_stream_loses_no_window(kafka_bootstrap, tmp_path, bundle):
+    n = names("kill")
+    partitions = 2
+    create_topics(kafka_bootstrap, n, partitions)
+    machines = ps.fleet(6, faulty=())
+    n_chunks = 30
+    sets = worker_sets(n, tmp_path / "w", partitions)
+    producer = ps.ChunkProducer(kafka_bootstrap, n["audio"])
+    first = ps.Worker(kafka_bootstrap, sets, tmp_path / "first.log", bundle)
+    second = None
+    try:
+        first.wait_metrics()
+        ps.wait_group_members(kafka_bootstrap, n["group"], 1)
+        for seq in range(n_chunks // 2):
+            producer.send([ps.chunk_message(m, seq) for m in machines])
+            producer.p.flush(10)
+            time.sleep(0.1)
+        before = ps.read_topic(kafka_bootstrap, n["scores"], min_count=20, timeout=60, idle=0.5)
+        first.kill()  # SIGKILL: no drain, no final commit
+        committed_at_kill = ps.committed_offsets(kafka_bootstrap, n["group"], n["audio"], partitions)
+        for seq in range(n_chunks // 2, n_chunks):
+            producer.send([ps.chunk_message(m, seq) for m in machines])
+        producer.flush()
+        second = ps.Worker(kafka_bootstrap, sets, tmp_path / "second.log", bundle)
+        second.wait_metrics()
+        ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], partitions, timeout=120)
+        records = scores_of(ps.read_topic(kafka_bootstrap, n["scores"], min_count=6 * n_windows(n_chunks),
+                                          timeout=60, idle=1))
+        assert second.terminate() == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    ends_at_kill = sum(1 for _ in before)
+    assert ends_at_kill >= 20
+    assert_every_chunk_scored(records, machines, n_chunks)
+    ids = [r.window_id for r in records]
+    assert set(ids) == {f"{m.device_id}:{k * HOP}-{k * HOP + WIN - 1}" for m in machines for k in range(n_windows(n_chunks))}
+    dups: dict[str, list[ScoreRecord]] = {}
+    for r in records:
+        dups.setdefault(r.window_id, []).append(r)
+    rescored = {k: v for k, v in dups.items() if len(v) > 1}
+    for wid, recs in rescored.items():  # a re-score is the same window: same samples, same score
+        assert len({(r.device_id, r.first_seq, r.last_seq, r.window_start_ns) for r in recs}) == 1, wid
+        assert max(r.score for r in recs) - min(r.score for r in recs) <= 1e-4 * max(1.0, abs(recs[0].score)), wid
+    print(f"\nkill test: {len(records)} score records, {len(dups)} windows, {len(rescored)} re-scored after the "
+          f"SIGKILL (committed at kill: {committed_at_kill})")
