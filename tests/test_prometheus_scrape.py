@@ -145,7 +145,9 @@ def test_rules_and_alerts_on_a_real_scrape(prometheus):
     scored_per_consumed = scalar(base, "sum(asd:windows_scored:rate5m) / sum(asd:chunks_consumed:rate5m)")
     assert scored_per_consumed == pytest.approx(0.4, abs=0.03)
     delivered_per_consumed = scalar(base, "sum(asd:producer_delivered:rate5m) / sum(asd:chunks_consumed:rate5m)")
-    assert delivered_per_consumed == pytest.approx(1.0, abs=0.05)
+    # two targets scraped at different phases: the edge extrapolation differs by up to ~1 s
+    # of ~10 s of history
+    assert delivered_per_consumed == pytest.approx(1.0, abs=0.15)
     assert scalar(base, 'asd:anomalous_windows:ratio_rate5m{machine_type="fan"}') == pytest.approx(0.25, abs=0.02)
     assert scalar(base, "asd:dlq_messages:ratio_rate5m") == pytest.approx(0.10, abs=0.01)
     # all latencies 2.0 s: in the (1, 2] bucket, p95 interpolates to 1 + 0.95 = 1.95 s
