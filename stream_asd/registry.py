@@ -584,6 +584,10 @@ def default_compatibility(new: Any, running: Any) -> None:
         raise BundleError(f"the new bundle was made for another feature spec (differs in {diff}: "
                           f"{ {k: (b.get(k), a.get(k)) for k in diff[:4]} }); a feature spec change "
                           f"needs a redeploy of the processor, not a hot swap")
+    have, need = getattr(new, "model_groups", None), getattr(running, "model_groups", None)
+    if have is not None and need is not None and not set(need) <= set(have):
+        raise BundleError(f"the new bundle lacks model group(s) {sorted(set(need) - set(have))} that the running "
+                          f"model serves; windows of those machine types could not be scored")
 
 
 class RegistryWatcher:
