@@ -23,15 +23,22 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeats: int, sync) -> list[float]:
+CPU_TIMES: dict[str, float] = {}
+
+
+def timed(fn, repeats: int, sync, name: str = "") -> list[float]:
+    """Wall seconds per repeat; also records process CPU seconds per repeat in CPU_TIMES (all
+    threads summed: on a shared box that is steadier than wall time)."""
     fn()  # warm-up
     sync()
     out = []
+    c0 = time.process_time()
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync()
         out.append(time.perf_counter() - t)
+    CPU_TIMES[name] = (time.process_time() - c0) / repeats
     return out
 
 
@@ -73,12 +80,12 @@ def main(argv=None) -> int:
         lm = m.frontend(x)
         f = m.encoder(lm)
         t = m.time_cnn(x)
-        res["frontend"] = timed(lambda: m.frontend.forward_with_power(x), args.repeats, sync)
-        res["encoder"] = timed(lambda: m.encoder(lm), args.repeats, sync)
-        res["time_cnn"] = timed(lambda: m.time_cnn(x), args.repeats, sync)
-        res["fusion"] = timed(lambda: m.fusion(f, t), args.repeats, sync)
+        res["frontend"] = timed(lambda: m.frontend.forward_with_power(x), args.repeats, sync, "frontend")
+        res["encoder"] = timed(lambda: m.encoder(lm), args.repeats, sync, "encoder")
+        res["time_cnn"] = timed(lambda: m.time_cnn(x), args.repeats, sync, "time_cnn")
+        res["fusion"] = timed(lambda: m.fusion(f, t), args.repeats, sync, "fusion")
     res["score_windows"] = timed(lambda: det.score_windows(waves, ["fan"] * args.batch, ["d"] * args.batch),
-                                 args.repeats, sync)
+                                 args.repeats, sync, "score_windows")
     per_window_ms = {k: 1000 * float(np.median(v)) / args.batch for k, v in res.items()}
     report = {
         "device": dev, "threads": args.threads, "batch": args.batch, "repeats": args.repeats,
@@ -87,6 +94,7 @@ def main(argv=None) -> int:
                    "fusion": count_parameters(m.fusion)},
         "bundle_bytes": bundle_bytes,
         "per_window_ms_median": per_window_ms,
+        "per_window_cpu_ms": {k: 1000 * v / args.batch for k, v in CPU_TIMES.items()},
         "windows_per_second": 1000.0 / per_window_ms["score_windows"],
         "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
         "cpu_count": os.cpu_count(),

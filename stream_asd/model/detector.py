@@ -95,9 +95,10 @@ class Detector(_BaseDetector):
 
     kind = "ensemble"
 
-    def __init__(self, bundle: ModelBundle, device: str = "auto", max_batch: int = 32):
+    def __init__(self, bundle: ModelBundle, device: str = "auto", max_batch: int = 32, channels_last: bool = True):
         super().__init__(bundle, device, max_batch)
         self.model = EnsembleModel.from_bundle(bundle).to(self.device).eval()
+        self.model.encoder.use_channels_last(channels_last)
         self.groups = load_ensemble_groups(bundle)
         for name, g in self.groups.items():
             if g.fusion.dim != self.model.embedding_dim or g.stats.dim != self.feature_spec.n_mels:
