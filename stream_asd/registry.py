@@ -510,6 +510,12 @@ def announce(bootstrap_or_conf: str | dict[str, Any], topic: str, ann: ModelAnno
     from confluent_kafka import Producer
 
     conf = {"bootstrap.servers": bootstrap_or_conf} if isinstance(bootstrap_or_conf, str) else dict(bootstrap_or_conf)
+    try:  # the broker never auto-creates topics; asd.models is tiny (one partition)
+        from .kafka import ensure_topics
+
+        ensure_topics(dict(conf), {topic: 1}, config={}, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - the produce below reports the real problem
+        log.warning("could not ensure topic %s: %s", topic, exc)
     conf.setdefault("acks", "all")
     conf.setdefault("enable.idempotence", True)
     errors: list[Any] = []
@@ -611,7 +617,7 @@ class RegistryWatcher:
                  loader: Callable[[Path], Any] = default_loader,
                  compatible: Callable[[Any, Any], None] | None = default_compatibility,
                  poll_seconds: float = 60.0, kafka_conf: dict[str, Any] | None = None,
-                 topic: str = "asd.models", metrics: Any = None):
+                 topic: str = "asd.models", metrics: Any = None, report_swaps: bool = True):
         self.registry = registry
         self.model_group = model_group
         self.on_swap = on_swap
@@ -621,6 +627,10 @@ class RegistryWatcher:
         self.kafka_conf = kafka_conf
         self.topic = topic
         self.metrics = metrics
+        # report_swaps=False: the swap callback (the processor's ModelRunner) counts successful
+        # and rejected swaps and publishes asd_model_info itself; the watcher then counts only
+        # the failures before the swap (fetch, checksums, load, compatibility).
+        self.report_swaps = report_swaps
         self.running_version = running_version
         self.running_detector = running_detector
         self.failed: dict[str, str] = {}  # version -> reason
@@ -736,7 +746,7 @@ class RegistryWatcher:
             self.events.append({"event": "failure", "version": pointer.version, "trigger": trigger,
                                 "reason": f"swap failed: {exc}"})
             log.exception("model swap to %s failed; keeping %s", pointer.version, self.running_version)
-            if self.metrics is not None:
+            if self.metrics is not None and self.report_swaps:
                 self.metrics.model_reloads.labels(result="failure").inc()
             return
         self.events.append({"event": "swap", "version": loaded.version, "trigger": trigger})
@@ -761,7 +771,7 @@ class RegistryWatcher:
         with self._lock:
             self.running_version = loaded.version
             self.running_detector = loaded.detector
-        if self.metrics is not None:
+        if self.metrics is not None and self.report_swaps:
             self.metrics.model_reloads.labels(result="success").inc()
             self.metrics.model_info.info({"version": loaded.version, "model_group": loaded.model_group,
                                           "sha256": loaded.sha256})

@@ -114,12 +114,13 @@ def _read(path: Path, sample_rate: int) -> np.ndarray:
 def archive_eval_set(archive: str | Path, sample_rate: int, *, holdout_fraction: float,
                      machine_types: Sequence[str] | None = None, since: Any = None, until: Any = None,
                      max_hours: float | None = None, max_clips: int = 200, seed: int = 0,
-                     pseudo_kinds: Sequence[str] = PSEUDO_KINDS) -> EvalSet:
+                     pseudo_kinds: Sequence[str] = PSEUDO_KINDS, only: Sequence[str] | None = None) -> EvalSet:
     """Held-out archive normals + pseudo-anomalies made from them (same selection as training)."""
     from stream_asd.archive.reader import iter_archive_clips
 
     clips = list(iter_archive_clips(archive, machine_types=machine_types, since=since, until=until,
-                                    max_hours=max_hours, holdout_fraction=holdout_fraction, split="test"))
+                                    max_hours=max_hours, holdout_fraction=holdout_fraction, split="test",
+                                    only=only))
     rng = np.random.default_rng(seed)
     if len(clips) > max_clips:
         clips = [clips[i] for i in sorted(rng.choice(len(clips), max_clips, replace=False))]

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_job(args: argparse.Namespace) -> dict[str, Any]:
-    from stream_asd.archive.reader import iter_archive_clips, list_segments, select_segments
+    from stream_asd.archive.reader import iter_archive_clips, list_segments, segment_key, select_segments
     from stream_asd.config import load_settings
 
     from . import data as train_data
@@ -80,9 +80,12 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     hours = sum(s.seconds for s in segments) / 3600.0
     doc["data"] = {"segments": len(segments), "hours": round(hours, 4),
                    "devices": len({s.device_id for s in segments}),
-                   "machine_types": sorted({s.machine_type for s in segments}), "selection": selection,
+                   "machine_types": sorted({s.machine_type for s in segments}), "selection": dict(selection),
                    "holdout_fraction": args.holdout_fraction}
     doc["timings_s"]["select"] = round(time.perf_counter() - t, 2)
+    # Pin the segments: the archiver keeps writing while the job runs; fit and gate must see
+    # the same set (else held-out audio could leak into training between the two listings).
+    selection["only"] = [segment_key(s) for s in segments]
     if not segments or hours < args.min_hours:
         doc["status"] = "skipped"
         doc["reasons"].append(f"{hours:.3f} h of archived audio match the selection; --min-hours is {args.min_hours}")

@@ -106,8 +106,10 @@ def publish_bundle(bundle: str | Path, registry: Registry | str, model_group: st
             out.status = "refused_gate"
             out.reasons.extend(result.reasons)
             return _done(out, t0)
-    version = reg.put(bundle, model_group, meta={"bundle_version": candidate.version,
-                                                 "gate": out.gate, "source": str(bundle)})
+    # The registry version is the bundle's own version: score records (model_version) and the
+    # registry then name a model the same way.
+    version = reg.put(bundle, model_group, version=candidate.version,
+                      meta={"bundle_version": candidate.version, "gate": out.gate, "source": str(bundle)})
     out.version = version
     if pointer is not None and pointer.version == version:
         out.status = "already_current"

@@ -67,6 +67,10 @@ class Segment:
         return int(self.entry["capture_start_ns"])
 
 
+def segment_key(s: Segment) -> str:
+    return f"{s.rel}/{s.entry['file']}"
+
+
 def list_segments(root: str | Path, *, machine_types: Sequence[str] | None = None,
                   devices: Sequence[str] | None = None, since: Any = None, until: Any = None,
                   storage_options: dict[str, Any] | None = None) -> list[Segment]:
@@ -141,17 +145,24 @@ def holdout_split(segments: list[Segment], fraction: float) -> dict[str, str]:
 def iter_archive_clips(root: str | Path, *, machine_types: Sequence[str] | None = None,
                        devices: Sequence[str] | None = None, since: Any = None, until: Any = None,
                        max_hours: float | None = None, holdout_fraction: float = 0.0, split: str | None = None,
-                       cache_dir: str | Path | None = None,
+                       cache_dir: str | Path | None = None, only: Iterable[str] | None = None,
                        storage_options: dict[str, Any] | None = None, **_ignored: Any) -> Iterator[Any]:
     """Clips (``stream_asd.audio.datasets.Clip``) of the selected archive segments.
 
     ``split``: None yields both splits (each clip says which); 'train' / 'test' filters.
+    ``only``: restrict to these segments ('<partition>/<file>', see :func:`segment_key`), so
+    that training and evaluation of one job see the same segments while the archiver goes on
+    writing.
     """
     from ..audio.datasets import Clip
 
     store = ArchiveStore(root, storage_options)
-    segments = select_segments(list_segments(root, machine_types=machine_types, devices=devices, since=since,
-                                             until=until, storage_options=storage_options), max_hours)
+    segments = list_segments(root, machine_types=machine_types, devices=devices, since=since, until=until,
+                             storage_options=storage_options)
+    if only is not None:
+        keep = set(only)
+        segments = [s for s in segments if segment_key(s) in keep]
+    segments = select_segments(segments, max_hours)
     if not segments:
         raise DatasetLayoutError(f"archive {root}: no segments match (machine types {machine_types}, devices "
                                  f"{devices}, since {since}, until {until}); is the archiver running?")

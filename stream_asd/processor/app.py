@@ -40,10 +40,16 @@ def load_runner(settings: Settings, metrics: ProcessorMetrics, detector: Any = N
         from ..errors import ConfigError
         from ..model.detector import load_detector
 
-        if settings.model.bundle is None:
-            raise ConfigError("no model bundle: pass --bundle PATH (or set ASD_MODEL__BUNDLE)")
-        detector = load_detector(settings.model.bundle, device=settings.batch.device,
-                                 max_batch=settings.batch.max_size)
+        if settings.model.bundle is None and settings.model.registry:
+            from .reload import load_current_detector  # learning part: start from the registry
+
+            detector = load_current_detector(settings)
+        elif settings.model.bundle is None:
+            raise ConfigError("no model bundle: pass --bundle PATH (or set ASD_MODEL__BUNDLE), or a registry "
+                              "(model.registry)")
+        else:
+            detector = load_detector(settings.model.bundle, device=settings.batch.device,
+                                     max_batch=settings.batch.max_size)
     return ModelRunner(detector, metrics, window_samples=settings.window_chunks() * settings.chunk_samples())
 
 
@@ -95,6 +101,9 @@ def create_app(settings: Settings, *, detector: Any = None, metrics: ProcessorMe
     app.asd_runner = runner
     app.asd_metrics = metrics
     app.asd_settings = settings
+    from .reload import attach_hot_reload  # learning part: registry watcher (no-op without model.registry)
+
+    attach_hot_reload(app, settings, runner, metrics)
     audio = app.topic(settings.topics.audio, acks=False)
 
     @app.agent(audio, name="stream_asd.processor.audio")
