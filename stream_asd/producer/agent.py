@@ -323,6 +323,7 @@ class ProducerAgent:
             self._flush(producer)
             for source in self.sources:
                 source.close()
+            self.producer = None  # the client's threads end with it (no reconnect noise later)
         return ProducerReport(self.counts, time.monotonic() - started, self._stopped_by, self.queue_full_waits,
                               list(self._errors))
 

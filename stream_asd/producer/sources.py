@@ -340,7 +340,10 @@ class SyntheticSource(DeviceSource):
 
     def __init__(self, profile, sample_rate: int, fault=None):
         self.profile = profile
-        self.device_id = str(profile.device_id)
+        # "fan-id_00": the id a DCASE-layout copy of this device (synth.write_dataset) gets from
+        # its file names, so per-device thresholds of a model trained on that copy apply.
+        machine_id = getattr(profile, "machine_id", None)
+        self.device_id = f"{profile.machine_type}-{machine_id}" if machine_id else str(profile.device_id)
         self.machine_type = str(profile.machine_type)
         self.sample_rate = sample_rate
         self.fault = fault
@@ -348,8 +351,11 @@ class SyntheticSource(DeviceSource):
 
     def render(self, start_sample: int, n_samples: int) -> np.ndarray:
         synth = _synth()
-        out = synth.render(self.profile, start_sample / self.sample_rate, n_samples / self.sample_rate,
-                           self.sample_rate, self.fault)
+        if hasattr(synth, "render_samples"):  # exact integer positions
+            out = synth.render_samples(self.profile, start_sample, n_samples, self.sample_rate, self.fault)
+        else:
+            out = synth.render(self.profile, start_sample / self.sample_rate, n_samples / self.sample_rate,
+                               self.sample_rate, self.fault)
         out = np.asarray(out, dtype=np.float32).reshape(-1)
         if out.size != n_samples:  # rounding of seconds * rate: make the length exact
             out = out[:n_samples] if out.size > n_samples else np.pad(out, (0, n_samples - out.size))
@@ -378,11 +384,11 @@ def synthetic_fleet(n: int, sample_rate: int, machine_types: Sequence[str] | Non
             unknown = [t for t in machine_types if t not in available]
             if unknown:
                 raise SourceError(f"unknown machine type(s) {unknown}; the generator knows {available}")
-        fleet = synth.make_fleet(n, list(machine_types), seed)
-    else:
-        fleet = synth.make_fleet(n, available or None, seed) if available else synth.make_fleet(n, None, seed)
-    fleet = list(fleet)
+    fleet = list(synth.make_fleet(n, list(machine_types) if machine_types else None, seed))
     by_id = {str(p.device_id): i for i, p in enumerate(fleet)}
+    for i, p in enumerate(fleet):  # both spellings: fan-00 (generator) and fan-id_00 (stream/DCASE)
+        if getattr(p, "machine_id", None):
+            by_id[f"{p.machine_type}-{p.machine_id}"] = i
     fault_of: dict[int, FaultSpec] = {}
     types = known_fault_types()
     for spec in faults:
@@ -391,10 +397,16 @@ def synthetic_fleet(n: int, sample_rate: int, machine_types: Sequence[str] | Non
         elif spec.device.isdigit() and int(spec.device) < len(fleet):
             index = int(spec.device)
         else:
+            ids = [f"{p.machine_type}-{p.machine_id}" if getattr(p, "machine_id", None) else str(p.device_id)
+                   for p in fleet]
             raise SourceError(f"--fault {spec.device}:...: no such device; use a fleet index 0..{len(fleet) - 1} "
-                              f"or one of {list(by_id)[:8]}{' ...' if len(by_id) > 8 else ''}")
-        if types and spec.fault_type not in types:
-            raise SourceError(f"--fault ...:{spec.fault_type}:...: unknown fault type; the generator knows {types}")
+                              f"or one of {ids[:8]}{' ...' if len(ids) > 8 else ''}")
+        allowed = list(getattr(fleet[index], "faults", None) or types)
+        if allowed and spec.fault_type not in allowed:
+            raise SourceError(f"--fault {spec.device}:{spec.fault_type}:...: no such fault for a "
+                              f"{fleet[index].machine_type}; use one of {allowed}")
+        if spec.severity is not None and not 0 < spec.severity <= 1:
+            raise SourceError(f"--fault {spec.device}:...: SEVERITY must be in (0, 1]")
         if index in fault_of:
             raise SourceError(f"device {fleet[index].device_id} has two --fault options; give one per device")
         fault_of[index] = spec
