@@ -1,0 +1,987 @@
+"""Synthetic machine sounds: a deterministic fleet of devices, fault injection, data sets.
+
+What it makes
+- Machine types (``MACHINE_TYPES``): ``fan`` (shaft and blade-pass harmonics, broadband airflow
+  modulated at the blade-pass rate), ``pump`` (motor harmonics, fluid noise pulsating at the
+  vane-pass rate), ``slider`` (periodic strokes: gated motor whine and friction noise, an end-stop
+  impact per stroke), ``valve`` (open/close clicks with their own resonances, flow hiss while
+  open, a pump hum) and ``gearbox`` (meshing harmonics with shaft-rate sidebands).
+- Every device is a :class:`DeviceProfile` ``(machine_type, index, seed)``; its fundamental,
+  harmonic weights and phases, noise colour, rhythm, click resonances, loudness and its factory
+  background (mains hum 50/60 Hz, room noise, distant knocks) all derive from that triple.
+  Normal operation varies slowly (speed wobble of a few tenths of a percent), as real machines do.
+- Faults (``FAULT_TYPES``), each at a severity in [0, 1]: ``bearing`` (impulses at a
+  non-integer multiple of the shaft rate exciting a high resonance, load-zone modulated),
+  ``imbalance`` (once-per-revolution tone and amplitude modulation), ``rubbing`` (high-band
+  friction noise bursting once per revolution), ``drift`` (the operating speed/rhythm drifts up
+  by up to 5%: a tonal change with the same loudness), ``clogging`` (high frequencies damped and
+  an irregular flutter), ``click_loss`` (valve/slider: missing, weaker, late clicks). Some faults
+  add energy (bearing, rubbing), some only move or remove it (drift, clogging, click_loss), so a
+  detector that only watches loudness or reconstruction error misses part of them.
+
+Streaming contract
+``render(device, start_s, seconds, ...)`` is a pure function of absolute stream time: rendering
+a device chunk by chunk gives bit-for-bit the samples of one long render. How: every
+time-dependent value is computed per sample with IEEE basic operations and table look-ups only
+(no vectorised transcendental functions, whose SIMD and scalar paths may round differently);
+slow control signals are evaluated on a fixed absolute grid of ``_CTRL`` samples and
+interpolated; noise is frequency-domain shaped white noise in segments of ``2 * BLOCK``
+samples at fixed absolute positions (hop ``BLOCK``, sine window, overlap-add), each segment
+seeded by (device, noise source, segment index); events (clicks, impacts, bearing impulses,
+knocks) are placed analytically from their index. A fault with ``start_s`` leaves every sample
+before ``start_s`` exactly as without it.
+
+Example::
+
+    fleet = make_fleet(8, ["fan", "pump"], seed=0)          # fan-00, pump-00, fan-01, ...
+    x = render(fleet[0], 0.0, 10.0)                          # float32, 160000 samples
+    y = render(fleet[0], 0.0, 10.0, fault=Fault("bearing", 0.6))
+    write_dataset("data/synth", ["fan", "pump", "valve"], devices_per_type=4, seed=1)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import AsdError
+
+__all__ = [
+    "MACHINE_TYPES", "FAULT_TYPES", "FAULTS_BY_TYPE", "GENERATOR_VERSION", "BLOCK", "SynthError",
+    "DeviceProfile", "Fault", "make_fleet", "render", "render_samples", "write_dataset",
+]
+
+#: Bumped whenever the same (profile, fault, time) would render different samples.
+GENERATOR_VERSION = 1
+MACHINE_TYPES = ("fan", "pump", "slider", "valve", "gearbox")
+_CORE_FAULTS = ("bearing", "imbalance", "rubbing", "drift", "clogging")
+FAULT_TYPES = _CORE_FAULTS + ("click_loss",)
+#: which faults make sense on which machine (click_loss needs clicks or strokes)
+FAULTS_BY_TYPE: dict[str, tuple[str, ...]] = {
+    "fan": _CORE_FAULTS, "pump": _CORE_FAULTS, "gearbox": _CORE_FAULTS,
+    "slider": _CORE_FAULTS, "valve": _CORE_FAULTS + ("click_loss",),
+}
+
+#: noise segments are 2*BLOCK samples at absolute positions j*BLOCK (part of the noise realisation)
+BLOCK = 8192
+_SEG = 2 * BLOCK
+_TABLE = 8192  # periodic look-up tables (wavetables, cosine, envelopes)
+_CTRL = 32  # control-rate grid (samples) for slow signals
+_PIECE = 2 * BLOCK  # samples rendered per vectorised pass (a multiple of BLOCK)
+_SOFT_KNEE = 0.85  # soft limiter: |x| <= knee untouched, output always inside (-1, 1)
+
+# Fault strengths at severity 1 (calibrated so that severity ~0.2 is hard to hear and ~0.5 is
+# clearly detectable by a spectral model; see docs/audio.md).
+_BEARING_GAIN = 2.2  # impulse peak relative to the machine's RMS level
+_IMBALANCE_TONE = 0.9  # once-per-revolution harmonic, relative to the wavetable RMS
+_IMBALANCE_AM = 0.35  # amplitude-modulation depth
+_RUBBING_GAIN = 0.9  # friction noise RMS relative to the machine noise level
+_DRIFT = 0.05  # relative speed/rhythm increase
+_CLOG_DB = 14.0  # high-frequency attenuation (dB at ~6 kHz)
+_CLOG_FLUTTER = 0.45  # irregular amplitude flutter depth
+_CLICK_DROP = 0.85  # probability of a missing click
+
+
+class SynthError(AsdError, ValueError):
+    """Bad arguments to the synthetic generator (unknown machine/fault type, negative time...)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Public value types
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One synthetic machine. Everything it sounds like derives from these three fields."""
+
+    machine_type: str
+    index: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.machine_type not in MACHINE_TYPES:
+            raise SynthError(f"unknown machine type {self.machine_type!r}; the generator knows {list(MACHINE_TYPES)}")
+        if not (isinstance(self.index, numbers.Integral) and 0 <= self.index < 10_000):
+            raise SynthError(f"device index must be an int in 0..9999, got {self.index!r}")
+        if not (isinstance(self.seed, numbers.Integral) and 0 <= self.seed < 2**63):
+            raise SynthError(f"seed must be a non-negative int, got {self.seed!r}")
+        object.__setattr__(self, "index", int(self.index))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def device_id(self) -> str:
+        return f"{self.machine_type}-{self.index:02d}"
+
+    @property
+    def machine_id(self) -> str:
+        """The DCASE-style id used in file names: ``id_00``."""
+        return f"id_{self.index:02d}"
+
+    @property
+    def faults(self) -> tuple[str, ...]:
+        return FAULTS_BY_TYPE[self.machine_type]
+
+    def describe(self) -> dict:
+        """The main numbers of this device (for logs and docs)."""
+        v = _voice(self, 16000)
+        return {"device_id": self.device_id, "machine_type": self.machine_type, "index": self.index,
+                "seed": self.seed, **v.summary}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault of ``type`` at ``severity`` (0 = none, 1 = strong), active from ``start_s`` seconds
+    of stream time, reaching full strength after ``ramp_s`` seconds."""
+
+    type: str
+    severity: float = 0.6
+    start_s: float = 0.0
+    ramp_s: float = 1.0
+
+    def __post_init__(self):
+        if self.type not in FAULT_TYPES:
+            raise SynthError(f"unknown fault type {self.type!r}; the generator knows {list(FAULT_TYPES)}")
+        for name in ("severity", "start_s", "ramp_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise SynthError(f"fault {name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.severity <= 1.0:
+            raise SynthError(f"fault severity must be in [0, 1], got {self.severity}")
+        if self.start_s < 0 or self.ramp_s < 0:
+            raise SynthError("fault start_s and ramp_s must be >= 0")
+        object.__setattr__(self, "severity", float(self.severity))
+        object.__setattr__(self, "start_s", float(self.start_s))
+        object.__setattr__(self, "ramp_s", float(self.ramp_s))
+
+
+def make_fleet(n_devices: int, machine_types: Sequence[str] | None = None, seed: int = 0) -> list[DeviceProfile]:
+    """``n_devices`` profiles, machine types round-robin (fan-00, pump-00, ..., fan-01, ...)."""
+    types = tuple(machine_types) if machine_types else MACHINE_TYPES
+    if n_devices < 0:
+        raise SynthError(f"n_devices must be >= 0, got {n_devices}")
+    unknown = [t for t in types if t not in MACHINE_TYPES]
+    if unknown:
+        raise SynthError(f"unknown machine type(s) {unknown}; the generator knows {list(MACHINE_TYPES)}")
+    return [DeviceProfile(types[k % len(types)], k // len(types), int(seed)) for k in range(n_devices)]
+
+
+# ------------------------------------------------------------------------------------------
+# Deterministic helpers
+
+
+def _key(*parts) -> int:
+    """A stable 63-bit integer from strings/ints (not Python's salted hash())."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _rng(profile: DeviceProfile, purpose: str) -> np.random.Generator:
+    return np.random.default_rng([profile.seed, _key(profile.machine_type, profile.index, purpose)])
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _u01(salt: int, idx: np.ndarray) -> np.ndarray:
+    """Counter-based uniform [0, 1) numbers: a pure function of (salt, integer index)."""
+    x = np.asarray(idx, dtype=np.int64).view(np.uint64) * _GOLD + np.uint64(salt & 0xFFFFFFFFFFFFFFFF)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def _periodic_table(values: np.ndarray) -> np.ndarray:
+    """A one-period table of _TABLE points, extended by two wrap-around points for look-ups."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.concatenate([values, values[:2]])
+
+
+def _lookup(table: np.ndarray, cycles: np.ndarray) -> np.ndarray:
+    """table(frac(cycles)) with linear interpolation; basic IEEE operations only."""
+    x = cycles - np.floor(cycles)
+    x *= _TABLE
+    i = x.astype(np.intp)
+    x -= i
+    a = table.take(i)
+    return a + x * (table.take(i + 1) - a)
+
+
+_COS = _periodic_table(np.cos(2 * np.pi * np.arange(_TABLE) / _TABLE))
+
+
+def _harmonic_table(amps: dict[int, float], phases: dict[int, float]) -> np.ndarray:
+    """Wavetable of sum_h amps[h] * sin(2 pi h x + phases[h]) over one period, RMS-normalised."""
+    spectrum = np.zeros(_TABLE // 2 + 1, dtype=np.complex128)
+    for h, a in amps.items():
+        if 0 < h < _TABLE // 2 and a > 0:
+            spectrum[h] = a * (_TABLE / 2) * np.exp(1j * (phases.get(h, 0.0) - np.pi / 2))
+    wave = np.fft.irfft(spectrum, _TABLE)
+    rms = float(np.sqrt(np.mean(wave ** 2)))
+    return _periodic_table(wave / rms if rms > 0 else wave)
+
+
+def _shape_noise(freqs: np.ndarray, *, tilt_db_oct=0.0, f_ref=1000.0, bumps=(), lowpass=None, highpass=40.0):
+    """Magnitude response on ``freqs``: spectral tilt, log-Gaussian bumps (fc, octaves, dB),
+    Butterworth-like low/high-pass magnitudes."""
+    f = np.maximum(freqs, 1.0)
+    mag = 10 ** (tilt_db_oct * np.log2(f / f_ref) / 20)
+    for fc, width, gain_db in bumps:
+        mag = mag * 10 ** (gain_db * np.exp(-0.5 * (np.log2(f / fc) / width) ** 2) / 20)
+    if lowpass is not None:
+        fc, order = lowpass
+        mag = mag / np.sqrt(1 + (f / fc) ** (2 * order))
+    if highpass is not None:
+        mag = mag / np.sqrt(1 + (highpass / f) ** 4)
+    mag[0] = 0.0
+    return mag
+
+
+def _unit_rms_shape(mag: np.ndarray) -> np.ndarray:
+    """Scale a magnitude response so irfft(Z * mag) has unit variance for unit-variance Z parts."""
+    power = 4 * np.sum(mag[1:-1] ** 2) + mag[-1] ** 2
+    return (mag * (_SEG / np.sqrt(power))).astype(np.float32)
+
+
+def _decaying_modes(sr: int, modes: Sequence[tuple[float, float, float]], noise_ms: float = 0.0,
+                    noise_gain: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Impulse response: sum of damped sines (freq Hz, decay s, amplitude) plus an optional short
+    noise burst; peak-normalised. Computed once per device, so transcendental functions are fine."""
+    longest = max(decay for _, decay, _ in modes)
+    n = max(8, int(round(6 * longest * sr)))
+    t = np.arange(n) / sr
+    k = np.zeros(n)
+    for freq, decay, amp in modes:
+        if freq < 0.45 * sr:
+            k += amp * np.exp(-t / decay) * np.sin(2 * np.pi * freq * t)
+    if noise_ms > 0 and rng is not None:
+        m = min(n, int(noise_ms * 1e-3 * sr * 4))
+        burst = rng.standard_normal(m) * np.exp(-np.arange(m) / max(1.0, noise_ms * 1e-3 * sr))
+        k[:m] += noise_gain * burst
+    fade = np.ones(n)
+    tail = max(1, n // 8)
+    fade[-tail:] = np.linspace(1, 0, tail)
+    k *= fade
+    peak = np.max(np.abs(k))
+    return k / peak if peak > 0 else k
+
+
+# ------------------------------------------------------------------------------------------
+# Device voices: everything derived from a profile, per sample rate (cached)
+
+
+@dataclass
+class _Voice:
+    profile: DeviceProfile
+    sr: int
+    f_r: float  # shaft (or motor) rotation frequency, Hz
+    wobble: np.ndarray  # (k, 3): speed-multiplier terms (amplitude, freq Hz, phase cycles)
+    rot_amps: dict
+    rot_phases: dict
+    rot_table: np.ndarray
+    rot_level: float
+    noise_mag: np.ndarray  # unshaped (for fault variants)
+    noise_shape: np.ndarray  # float32, unit-RMS
+    noise_level: float
+    bg_shape: np.ndarray
+    bg_level: float
+    hum_table: np.ndarray
+    hum_hz: float
+    hum_level: float
+    env_kind: str  # 'am' | 'table' | 'gate'
+    env_cycles_per_rev: float  # for 'am'/'table': envelope period in shaft revolutions
+    env_table: np.ndarray | None
+    env_depth: float
+    period_s: float  # slider stroke / valve cycle period (0 for rotating machines)
+    gate_table: np.ndarray | None  # stroke/open gate over one period
+    rot_gate_floor: float
+    noise_gate_floor: float
+    events: list  # [(name, offset in period, amplitude, kernels[list], jitter_s)]
+    knock_kernels: list
+    knock_amp: float
+    bearing_ratio: float
+    bearing_kernel: np.ndarray
+    rub_shape: np.ndarray
+    flutter: np.ndarray  # (4, 3) terms for clogging irregularity
+    machine_rms: float
+    # normal operating variability (slow, minutes): load/level, noise colour, background
+    level_var: np.ndarray  # (k, 3): relative level terms (amplitude, Hz, phase cycles)
+    colour_var: np.ndarray  # (k, 3): terms of the brighter/darker noise mix in [0, 1]
+    colour_delta: np.ndarray  # noise shape difference brighter - normal (float32)
+    bg_var: np.ndarray  # (k, 3): relative background level terms
+    neighbour_table: np.ndarray  # a neighbouring machine, on and off over time
+    neighbour_hz: float
+    neighbour_level: float
+    summary: dict
+
+
+def _freq_grid(sr: int) -> np.ndarray:
+    return np.fft.rfftfreq(_SEG, 1.0 / sr)
+
+
+@lru_cache(maxsize=512)
+def _voice(profile: DeviceProfile, sr: int) -> _Voice:
+    rng = _rng(profile, "voice")
+    u = rng.uniform
+    mt = profile.machine_type
+    freqs = _freq_grid(sr)
+    f_top = min(5200.0, 0.42 * sr)  # highest harmonic we synthesise
+    gain = u(0.75, 1.25)
+
+    # slow speed wobble (load changes) + small fast jitter: relative speed terms
+    slow = [(u(0.002, 0.004), u(1 / 300, 1 / 30), u()) for _ in range(3)]
+    fast = [(u(0.0002, 0.0005), u(2.0, 7.0), u()) for _ in range(2)]
+    wobble = np.array(slow + fast)
+
+    amps: dict[int, float] = {}
+    phases: dict[int, float] = {}
+    env_kind, env_cpr, env_table, env_depth = "am", 1.0, None, 0.0
+    period_s, gate_table, rot_gate_floor, noise_gate_floor = 0.0, None, 1.0, 1.0
+    events: list = []
+    summary: dict = {}
+
+    def harmonics_up_to(f_r: float) -> range:
+        return range(1, max(2, int(f_top / f_r)) + 1)
+
+    if mt == "fan":
+        f_r = u(16.0, 26.0)
+        blades = int(rng.integers(5, 10))
+        slope = u(0.9, 1.5)
+        formant_fc, formant_gain = u(300, 1500), u(0.5, 2.0)
+        for h in harmonics_up_to(f_r):
+            f = h * f_r
+            if h % blades == 0:
+                a = (h // blades) ** -slope * u(0.6, 1.4)
+            else:
+                a = 0.06 * u(0.5, 1.5) * math.exp(-h / 6)
+            amps[h] = a * (1 + formant_gain * math.exp(-0.5 * (math.log2(f / formant_fc) / 0.5) ** 2))
+        noise_mag = _shape_noise(freqs, tilt_db_oct=u(-4.5, -2.0), f_ref=500.0,
+                                 bumps=[(u(400, 1600), u(0.6, 1.2), u(4, 10))], lowpass=(u(3500, 6500), 2),
+                                 highpass=60.0)
+        rot_level, noise_level = u(0.04, 0.07), u(0.05, 0.08)
+        env_kind, env_cpr, env_depth = "am", float(blades), u(0.05, 0.2)
+        summary = {"shaft_hz": f_r, "blades": blades, "blade_pass_hz": blades * f_r}
+    elif mt == "pump":
+        f_r = u(24.0, 48.0)
+        vanes = int(rng.integers(3, 8))
+        decay = u(4, 10)
+        for h in harmonics_up_to(f_r):
+            a = math.exp(-h / decay) * u(0.5, 1.5)
+            if h % vanes == 0:
+                a *= u(2, 4) / math.sqrt(h // vanes)
+            amps[h] = a
+        noise_mag = _shape_noise(freqs, tilt_db_oct=-3.0, f_ref=500.0,
+                                 bumps=[(u(250, 1200), u(0.8, 1.5), u(8, 14))], lowpass=(u(3000, 5000), 2))
+        rot_level, noise_level = u(0.03, 0.05), u(0.05, 0.08)
+        floor, q = u(0.2, 0.5), u(1.0, 3.0)
+        x = np.arange(_TABLE) / _TABLE
+        pulse = floor + (1 - floor) * (0.5 + 0.5 * np.cos(2 * np.pi * x)) ** q
+        env_kind, env_cpr, env_table = "table", float(vanes), _periodic_table(pulse / pulse.mean())
+        summary = {"shaft_hz": f_r, "vanes": vanes, "pulsation_hz": vanes * f_r}
+    elif mt == "slider":
+        f_r = u(35.0, 70.0)
+        decay = u(2, 5)
+        for h in harmonics_up_to(f_r):
+            if h <= 25:
+                amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+        whine = int(round(u(1500, 3000) / f_r))
+        amps[whine] = amps.get(whine, 0.0) + u(0.2, 0.5)
+        noise_mag = _shape_noise(freqs, tilt_db_oct=-2.0, bumps=[(u(1000, 3000), 1.0, 10.0)],
+                                 lowpass=(7000.0, 2), highpass=100.0)
+        rot_level, noise_level = u(0.03, 0.05), u(0.04, 0.07)
+        period_s, duty, edge = u(1.2, 2.4), u(0.35, 0.6), 0.06
+        gate_table = _gate_table(duty, edge / period_s)
+        rot_gate_floor, noise_gate_floor = 0.15, 0.05
+        env_kind = "gate"
+        k_end = [_decaying_modes(sr, [(u(300, 1500), u(0.015, 0.04), 1.0), (u(1500, 4000), u(0.008, 0.02), 0.6)],
+                                 2.0, 0.3, rng) for _ in range(3)]
+        events = [("stroke_end", duty, u(0.15, 0.3) * gain, k_end, 0.004),
+                  ("stroke_start", 0.0, u(0.05, 0.1) * gain, k_end, 0.004)]
+        summary = {"motor_hz": f_r, "stroke_period_s": period_s, "duty": duty}
+    elif mt == "valve":
+        f_r = u(20.0, 45.0)
+        decay = u(3, 8)
+        for h in harmonics_up_to(f_r):
+            if h <= 30:
+                amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+        noise_mag = _shape_noise(freqs, tilt_db_oct=0.0, bumps=[(u(2000, 4500), 0.7, 12.0)],
+                                 lowpass=(7000.0, 2), highpass=500.0)
+        rot_level, noise_level = u(0.02, 0.035), u(0.02, 0.04)
+        period_s, duty, edge = u(0.5, 1.5), u(0.25, 0.6), 0.008
+        gate_table = _gate_table(duty, edge / period_s)
+        rot_gate_floor, noise_gate_floor = 1.0, 0.03
+        env_kind = "gate"
+
+        def click_bank():
+            base = [(u(800, 6000), u(0.003, 0.015), u(0.4, 1.0)) for _ in range(3)]
+            # three variants of one click: same resonances, slightly different strike
+            return [_decaying_modes(sr, [(f * u(0.98, 1.02), d, a * u(0.8, 1.2)) for f, d, a in base], 1.5, 0.4, rng)
+                    for _ in range(3)]
+
+        open_amp = u(0.2, 0.35) * gain
+        events = [("open", 0.0, open_amp, click_bank(), 0.003),
+                  ("close", duty, open_amp * u(1.1, 1.5), click_bank(), 0.003)]
+        summary = {"pump_hz": f_r, "cycle_s": period_s, "open_fraction": duty}
+    elif mt == "gearbox":
+        f_r = u(12.0, 28.0)
+        teeth = int(rng.integers(17, 42))
+        slope = u(0.8, 1.6)
+        for m in range(1, 5):
+            mesh = m * teeth
+            if mesh * f_r > f_top:
+                break
+            a_mesh = m ** -slope * u(0.6, 1.4)
+            amps[mesh] = amps.get(mesh, 0.0) + a_mesh
+            for j in range(1, 4):
+                for side in (mesh - j, mesh + j):
+                    amps[side] = amps.get(side, 0.0) + a_mesh * 0.3 * u(0.3, 1.0) * math.exp(-(j - 1) / 1.2)
+        for h in range(1, 5):
+            amps[h] = amps.get(h, 0.0) + 0.1 * u(0.5, 1.5)
+        noise_mag = _shape_noise(freqs, tilt_db_oct=-3.0, bumps=[(u(1500, 3500), 0.5, 8.0)], lowpass=(6000.0, 2))
+        rot_level, noise_level = u(0.05, 0.08), u(0.02, 0.035)
+        env_kind, env_cpr, env_depth = "am", 1.0, u(0.04, 0.12)
+        summary = {"shaft_hz": f_r, "teeth": teeth, "mesh_hz": teeth * f_r}
+    else:  # pragma: no cover - DeviceProfile validates
+        raise SynthError(mt)
+
+    amps = {h: a for h, a in amps.items() if h * f_r <= f_top}
+    phases = {h: u(0, 2 * np.pi) for h in sorted(amps)}
+    rot_level *= gain
+    noise_level *= gain
+
+    # factory background: mains hum, room noise, distant knocks
+    hum_hz = 50.0 if u() < 0.5 else 60.0
+    hum_amps = {h: w * u(0.5, 1.5) for h, w in zip(range(1, 7), (0.5, 1.0, 0.4, 0.3, 0.15, 0.1))}
+    hum_table = _harmonic_table(hum_amps, {h: u(0, 2 * np.pi) for h in hum_amps})
+    bg_mag = _shape_noise(freqs, tilt_db_oct=-3.0, f_ref=500.0, bumps=[(u(100, 400), 1.0, 6.0)], lowpass=(6000.0, 2))
+    knock_kernels = [_decaying_modes(sr, [(u(60, 200), u(0.02, 0.06), 1.0), (u(200, 600), u(0.01, 0.03), 0.4)])
+                     for _ in range(3)]
+
+    # fault-specific device properties (used only when a fault is injected)
+    bearing_ratio = u(3.1, 5.7)
+    bearing_kernel = _decaying_modes(sr, [(min(u(2500, 5500), 0.4 * sr), u(0.0008, 0.002), 1.0),
+                                          (min(u(5500, 7000), 0.44 * sr), u(0.0004, 0.001), 0.4)])
+    rub_mag = _shape_noise(freqs, tilt_db_oct=0.0, bumps=[(min(u(3000, 6000), 0.4 * sr), 0.6, 10.0)],
+                           highpass=1500.0, lowpass=(0.45 * sr, 4))
+    flutter = np.array([(u(0.5, 1.0), u(0.7, 5.0), u()) for _ in range(4)])
+    flutter[:, 0] /= flutter[:, 0].sum()
+
+    # normal variability: the same device sounds a little different from minute to minute
+    vr = _rng(profile, "variability")
+    level_var = np.array([(vr.uniform(0.04, 0.08), vr.uniform(1 / 240, 1 / 25), vr.uniform()) for _ in range(2)])
+    colour_var = np.array([(vr.uniform(0.5, 1.0), vr.uniform(1 / 200, 1 / 30), vr.uniform()) for _ in range(2)])
+    colour_var[:, 0] /= 2 * colour_var[:, 0].sum()  # 0.5 + sum in [0, 1]
+    tilt = 10 ** (vr.uniform(3.0, 5.0) * np.clip(np.log2(np.maximum(freqs, 1.0) / 500.0) / 3.5, -0.5, 1.3) / 20)
+    noise_shape = _unit_rms_shape(noise_mag)
+    colour_delta = (noise_shape * (tilt - 1.0)).astype(np.float32)
+    bg_var = np.array([(vr.uniform(0.1, 0.2), vr.uniform(1 / 120, 1 / 15), vr.uniform()) for _ in range(2)])
+    nb_hz = vr.uniform(30.0, 120.0)
+    nb_decay = vr.uniform(1.5, 4.0)
+    nb_amps = {h: math.exp(-h / nb_decay) * vr.uniform(0.5, 1.5) for h in range(1, int(min(2000.0, f_top) / nb_hz) + 1)}
+    neighbour_table = _harmonic_table(nb_amps, {h: vr.uniform(0, 2 * np.pi) for h in nb_amps})
+    neighbour_level = vr.uniform(0.1, 0.25) * math.hypot(rot_level, noise_level)
+
+    return _Voice(
+        level_var=level_var, colour_var=colour_var, colour_delta=colour_delta, bg_var=bg_var,
+        neighbour_table=neighbour_table, neighbour_hz=nb_hz, neighbour_level=neighbour_level,
+        profile=profile, sr=sr, f_r=f_r, wobble=wobble, rot_amps=amps, rot_phases=phases,
+        rot_table=_harmonic_table(amps, phases), rot_level=rot_level, noise_mag=noise_mag,
+        noise_shape=noise_shape, noise_level=noise_level,
+        bg_shape=_unit_rms_shape(bg_mag), bg_level=u(0.006, 0.015), hum_table=hum_table, hum_hz=hum_hz,
+        hum_level=u(0.002, 0.006), env_kind=env_kind, env_cycles_per_rev=env_cpr, env_table=env_table,
+        env_depth=env_depth, period_s=period_s, gate_table=gate_table, rot_gate_floor=rot_gate_floor,
+        noise_gate_floor=noise_gate_floor, events=events, knock_kernels=knock_kernels, knock_amp=u(0.02, 0.05),
+        bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_shape=_unit_rms_shape(rub_mag),
+        flutter=flutter, machine_rms=float(math.hypot(rot_level, noise_level)),
+        summary={**{k: round(float(v), 3) if isinstance(v, float) else v for k, v in summary.items()},
+                 "harmonics": len(amps), "gain": round(gain, 3), "mains_hz": hum_hz},
+    )
+
+
+def _gate_table(duty: float, edge: float) -> np.ndarray:
+    """Raised-cosine gate over one period: 1 during [0, duty), edges of ``edge`` (fractions)."""
+    x = np.arange(_TABLE) / _TABLE
+    edge = max(edge, 1.0 / _TABLE)
+    up = np.clip(x / edge, 0, 1) * np.clip((duty - x) / edge, 0, 1)
+    return _periodic_table(0.5 - 0.5 * np.cos(np.pi * up))
+
+
+def _db_attenuation(freqs_hz: np.ndarray, severity: float) -> np.ndarray:
+    """Clogging: linear gain, 1 below 500 Hz falling to -_CLOG_DB*severity dB around 6 kHz."""
+    octaves = np.clip(np.log2(np.maximum(freqs_hz, 1.0) / 500.0) / 3.5, 0.0, 1.3)
+    return 10 ** (-_CLOG_DB * severity * octaves / 20)
+
+
+@dataclass
+class _FaultVoice:
+    fault: Fault
+    rot_delta: np.ndarray | None = None  # wavetable difference (imbalance, clogging)
+    noise_delta: np.ndarray | None = None  # noise shape difference (clogging)
+    am_depth: float = 0.0
+    flutter_depth: float = 0.0
+    drift: float = 0.0
+    bearing_amp: float = 0.0
+    rub_level: float = 0.0
+    click_drop: float = 0.0
+
+
+@lru_cache(maxsize=512)
+def _fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
+    v = _voice(profile, sr)
+    s = fault.severity
+    fv = _FaultVoice(fault)
+    if fault.type not in FAULTS_BY_TYPE[profile.machine_type]:
+        raise SynthError(f"fault {fault.type!r} does not apply to a {profile.machine_type}; "
+                         f"use one of {list(FAULTS_BY_TYPE[profile.machine_type])}")
+    if fault.type == "imbalance":
+        amps = dict(v.rot_amps)
+        rms = math.sqrt(sum(a * a for a in amps.values()) / 2)
+        amps[1] = amps.get(1, 0.0) + _IMBALANCE_TONE * s * s * rms
+        table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
+        fv.rot_delta = table - v.rot_table
+        fv.am_depth = _IMBALANCE_AM * s
+    elif fault.type == "clogging":
+        amps = {h: a * float(_db_attenuation(np.array([h * v.f_r]), s)[0]) for h, a in v.rot_amps.items()}
+        rms = math.sqrt(sum(a * a for a in v.rot_amps.values()) / 2)
+        table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
+        fv.rot_delta = table - v.rot_table
+        fv.noise_delta = (v.noise_shape * (_db_attenuation(_freq_grid(sr), s) - 1.0)).astype(np.float32)
+        fv.flutter_depth = _CLOG_FLUTTER * s
+    elif fault.type == "drift":
+        fv.drift = _DRIFT * s
+    elif fault.type == "bearing":
+        fv.bearing_amp = _BEARING_GAIN * s ** 1.5 * v.machine_rms
+    elif fault.type == "rubbing":
+        fv.rub_level = _RUBBING_GAIN * s * s * v.noise_level
+    elif fault.type == "click_loss":
+        fv.click_drop = _CLICK_DROP * s
+    return fv
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(device: DeviceProfile, start_s: float, seconds: float, sample_rate: int = 16000,
+           fault: Fault | None = None) -> np.ndarray:
+    """``seconds`` of ``device`` from stream time ``start_s`` as float32 in (-1, 1).
+
+    Sample ``i`` of the result is sample ``round(start_s * sample_rate) + i`` of the device's
+    endless stream, whatever the chunking. ``fault`` changes the sound from ``fault.start_s``.
+    """
+    for name, value in (("start_s", start_s), ("seconds", seconds)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise SynthError(f"{name} must be a finite number >= 0, got {value!r}")
+    return render_samples(device, int(round(start_s * sample_rate)), int(round(seconds * sample_rate)),
+                          sample_rate, fault)
+
+
+def render_samples(device: DeviceProfile, start: int, n: int, sample_rate: int = 16000,
+                   fault: Fault | None = None) -> np.ndarray:
+    """Samples ``[start, start + n)`` of the device's stream (the exact-integer form of render)."""
+    if not isinstance(device, DeviceProfile):
+        raise SynthError(f"device must be a DeviceProfile, got {type(device).__name__}")
+    if start < 0 or n < 0:
+        raise SynthError(f"start and n must be >= 0, got {start}, {n}")
+    if not (isinstance(sample_rate, int) and 8000 <= sample_rate <= 192000):
+        raise SynthError(f"sample_rate must be an int in 8000..192000, got {sample_rate!r}")
+    if fault is not None and not isinstance(fault, Fault):
+        raise SynthError(f"fault must be a Fault or None, got {type(fault).__name__}")
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    v = _voice(device, sample_rate)
+    fv = _fault_voice(device, fault, sample_rate) if fault is not None else None
+    # Work in block-aligned pieces of at most _PIECE samples: arrays stay cache-sized (large
+    # temporaries cost page faults on every call), and the pieces share the noise segments.
+    out = np.empty(n, dtype=np.float32)
+    segments: dict = {}
+    pos, end = start, start + n
+    while pos < end:
+        stop = min(end, (pos // _PIECE + 1) * _PIECE)
+        out[pos - start:stop - start] = _Renderer(v, fv, pos, stop - pos, segments).run()
+        pos = stop
+    return out
+
+
+class _Renderer:
+    """One render call. Every array is indexed by absolute sample number ``start + i``."""
+
+    def __init__(self, v: _Voice, fv: _FaultVoice | None, start: int, n: int, segments: dict):
+        self.v, self.fv, self.start, self.n = v, fv, start, n
+        self.segments = segments  # (source, n_shapes, j) -> windowed segments, shared by the pieces
+        self.sr = v.sr
+        self.idx = np.arange(start, start + n, dtype=np.int64)
+        self.t = self.idx / float(self.sr)
+        # control grid: absolute multiples of _CTRL covering the span
+        g0 = start // _CTRL
+        g1 = (start + n - 1) // _CTRL + 1
+        self.grid_t = np.arange(g0, g1 + 1, dtype=np.int64) * _CTRL / float(self.sr)
+        rel = self.idx - g0 * _CTRL
+        self.gi = rel // _CTRL
+        self.gf = (rel - self.gi * _CTRL) / float(_CTRL)
+        self.fault = fv.fault if fv is not None else None
+        self.ramp = self._ramp(self.t) if fv is not None else None
+        self.active = fv is not None and bool(np.any(self.ramp > 0))
+
+    # -- time helpers --------------------------------------------------------------------
+    def _interp(self, grid_values: np.ndarray) -> np.ndarray:
+        a = grid_values.take(self.gi)
+        return a + self.gf * (grid_values.take(self.gi + 1) - a)
+
+    def _ramp(self, t: np.ndarray) -> np.ndarray:
+        f = self.fault
+        if f.ramp_s <= 0:
+            return (t >= f.start_s).astype(np.float64)
+        return np.clip((t - f.start_s) / f.ramp_s, 0.0, 1.0)
+
+    def _ramp_integral(self, t: np.ndarray) -> np.ndarray:
+        """Integral of the ramp from -inf to t (seconds at full strength), exact per sample."""
+        f = self.fault
+        d = np.maximum(t - f.start_s, 0.0)
+        if f.ramp_s <= 0:
+            return d
+        inside = np.minimum(d, f.ramp_s)
+        return inside * inside / (2 * f.ramp_s) + (d - inside)
+
+    def _unwarp(self, w: np.ndarray, drift: float) -> np.ndarray:
+        """Inverse of w(t) = t + drift * ramp_integral(t), for event times of drifting rhythms."""
+        f = self.fault
+        s0, r = f.start_s, f.ramp_s
+        t = w.copy()
+        after0 = w > s0
+        if r > 0:
+            w_end = s0 + r + drift * r / 2
+            inside = after0 & (w <= w_end)
+            # w = t + drift (t - s0)^2 / (2 r): solve the quadratic for d = t - s0 >= 0
+            dw = w[inside] - s0
+            a = drift / (2 * r)
+            t[inside] = s0 + (2 * dw / (1 + np.sqrt(1 + 4 * a * dw)) if a > 0 else dw)
+            late = w > w_end
+            t[late] = s0 + r + (w[late] - w_end) / (1 + drift)
+        else:
+            t[after0] = s0 + (w[after0] - s0) / (1 + drift)
+        return t
+
+    def _slow(self, terms: np.ndarray, offset: float) -> np.ndarray:
+        """offset + sum of amp*cos(2 pi (nu t + phase)), evaluated on the control grid."""
+        acc = np.full_like(self.grid_t, offset)
+        for amp, nu, ph in terms:
+            acc += amp * _lookup(_COS, nu * self.grid_t + ph)
+        return self._interp(acc)
+
+    def _neighbour_gate(self) -> np.ndarray:
+        """0/1 per 40 s slot (a neighbouring machine on or off), 3 s cross-fades, control rate."""
+        v = self.v
+        slot, fade = 40.0, 3.0
+        salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "neighbour")
+        pos = self.grid_t / slot
+        q = np.floor(pos)
+        qi = q.astype(np.int64)
+        s0 = (_u01(salt, qi) < 0.4).astype(np.float64)
+        s1 = (_u01(salt, qi + 1) < 0.4).astype(np.float64)
+        x = np.clip((pos - q - (1 - fade / slot)) * (slot / fade), 0.0, 1.0)
+        return self._interp(s0 + (s1 - s0) * (x * x * (3 - 2 * x)))
+
+    def _cycles(self) -> np.ndarray:
+        """Shaft revolutions since t=0 (speed wobble and drift included), per sample."""
+        v = self.v
+        # integral of the relative speed wobble a*cos(2 pi (nu t + phi)) -> a sin(...)/(2 pi nu)
+        gt = self.grid_t
+        acc = np.zeros_like(gt)
+        for amp, nu, ph in v.wobble:
+            acc += (amp / (2 * np.pi * nu)) * _lookup(_COS, nu * gt + ph - 0.25)
+        cycles = v.f_r * self.t + v.f_r * self._interp(acc)
+        if self.active and self.fv.drift:
+            cycles = cycles + (v.f_r * self.fv.drift) * self._ramp_integral(self.t)
+        return cycles
+
+    # -- noise ----------------------------------------------------------------------------
+    _window = np.sin(np.pi * (np.arange(_SEG) + 0.5) / _SEG).astype(np.float32)
+
+    def _noise(self, source: str, shapes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Shaped noise sharing one white realisation per segment; one output per shape."""
+        v = self.v
+        first = self.start // BLOCK - 1
+        last = (self.start + self.n - 1) // BLOCK
+        outs = [np.zeros(self.n, dtype=np.float64) for _ in shapes]
+        for j in range(first, last + 1):  # ascending j: every sample sums its two segments in one order
+            cache_key = (source, len(shapes), j)
+            segs = self.segments.get(cache_key)
+            if segs is None:
+                segs = self._segment(source, shapes, j)
+                for old in [k for k in self.segments if k[0] == source and k[2] < first]:
+                    del self.segments[old]
+                self.segments[cache_key] = segs
+            lo = max(self.start, j * BLOCK)
+            hi = min(self.start + self.n, j * BLOCK + _SEG)
+            for out, seg in zip(outs, segs):
+                out[lo - self.start:hi - self.start] += seg[lo - j * BLOCK:hi - j * BLOCK]
+        return outs
+
+    def _segment(self, source: str, shapes: Sequence[np.ndarray], j: int) -> list[np.ndarray]:
+        """Windowed noise segment j (samples [j*BLOCK, j*BLOCK + 2*BLOCK)) for each shape."""
+        v = self.v
+        key = _key(v.profile.machine_type, v.profile.index, "noise", source)
+        bins = _SEG // 2 + 1
+        rng = np.random.default_rng([v.profile.seed, key, j + 1])
+        # uniform parts with unit variance: after the inverse FFT the sum of thousands of bins
+        # is Gaussian, and uniforms are several times cheaper to draw than normals
+        parts = rng.random(2 * bins, dtype=np.float32)
+        parts -= np.float32(0.5)
+        parts *= np.float32(math.sqrt(12.0))
+        z = parts[:bins] + 1j * parts[bins:]
+        segs = []
+        for shape in shapes:
+            seg = np.fft.irfft(z * shape, _SEG)
+            seg *= self._window
+            segs.append(seg)
+        return segs
+
+    # -- events ---------------------------------------------------------------------------
+    def _place(self, out: np.ndarray, pos: np.ndarray, amp: np.ndarray, kernel: np.ndarray) -> None:
+        rel = pos - self.start
+        k = kernel.size
+        keep = (rel > -k) & (rel < self.n) & (amp != 0)
+        if not np.any(keep):
+            return
+        idx = rel[keep][:, None] + np.arange(k)[None, :]
+        vals = amp[keep][:, None] * kernel[None, :]
+        m = (idx >= 0) & (idx < self.n)
+        out += np.bincount(idx[m], weights=vals[m], minlength=self.n)
+
+    def _event_range(self, rate_hz: float, kernel_len: int, max_shift_s: float) -> np.ndarray:
+        t0 = (self.start - kernel_len) / self.sr - max_shift_s
+        t1 = (self.start + self.n) / self.sr + max_shift_s
+        return np.arange(math.floor(t0 * rate_hz) - 1, math.ceil(t1 * rate_hz) + 2, dtype=np.int64)
+
+    def _periodic_events(self, out: np.ndarray) -> None:
+        v, fv = self.v, self.fv
+        drift = fv.drift if (self.active and fv.drift) else 0.0
+        salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "events")
+        for e, (name, offset, amp, kernels, jitter_s) in enumerate(v.events):
+            klen = max(k.size for k in kernels)
+            # event indices live on the (possibly drift-warped) rhythm axis w(t) >= t
+            t_span = np.array([(self.start - klen) / self.sr - 0.2 * v.period_s - jitter_s,
+                               (self.start + self.n) / self.sr])
+            w_span = t_span + drift * self._ramp_integral(t_span) if drift else t_span
+            i = np.arange(math.floor(w_span[0] / v.period_s) - 2, math.ceil(w_span[1] / v.period_s) + 2,
+                          dtype=np.int64)
+            w = (i + offset) * v.period_s
+            tau = self._unwarp(w, drift) if drift else w
+            tau = tau + jitter_s * _u01(salt + 11 * e, i)
+            a = amp * (0.85 + 0.3 * _u01(salt + 11 * e + 1, i))
+            if self.active and fv.click_drop:
+                r = self._ramp(tau)
+                drop = _u01(salt + 11 * e + 2, i) < fv.click_drop * r
+                a = np.where(drop, 0.0, a * (1 - 0.4 * fv.fault.severity * r * _u01(salt + 11 * e + 3, i)))
+                tau = tau + 0.08 * v.period_s * fv.fault.severity * r * _u01(salt + 11 * e + 4, i)
+            variant = np.floor(_u01(salt + 11 * e + 5, i) * len(kernels)).astype(np.int64)
+            pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
+            for k, kernel in enumerate(kernels):
+                sel = variant == k
+                self._place(out, pos[sel], a[sel], kernel)
+
+    def _knocks(self, out: np.ndarray) -> None:
+        v = self.v
+        slot = 0.25
+        salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "knocks")
+        klen = max(k.size for k in v.knock_kernels)
+        i = self._event_range(1.0 / slot, klen, slot)
+        happens = _u01(salt, i) < 0.12
+        tau = (i + _u01(salt + 1, i)) * slot
+        a = np.where(happens, v.knock_amp * (0.3 + 0.7 * _u01(salt + 2, i)), 0.0)
+        variant = np.floor(_u01(salt + 3, i) * len(v.knock_kernels)).astype(np.int64)
+        pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
+        for k, kernel in enumerate(v.knock_kernels):
+            sel = variant == k
+            self._place(out, pos[sel], a[sel], kernel)
+
+    def _bearing(self, out: np.ndarray) -> None:
+        v, fv = self.v, self.fv
+        rate = v.bearing_ratio * v.f_r
+        salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "bearing")
+        i = self._event_range(rate, v.bearing_kernel.size, 0.2 / rate)
+        tau = (i + 0.15 * (_u01(salt, i) - 0.5)) / rate  # a little slip, as real bearings have
+        load = 0.55 + 0.45 * _lookup(_COS, v.f_r * tau)  # load zone: once per revolution
+        a = fv.bearing_amp * self._ramp(tau) * load * (0.8 + 0.4 * _u01(salt + 1, i))
+        pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
+        self._place(out, pos, a, v.bearing_kernel)
+
+    # -- mix --------------------------------------------------------------------------------
+    def run(self) -> np.ndarray:
+        v, fv, active = self.v, self.fv, self.active
+        cycles = self._cycles()
+        rot = _lookup(v.rot_table, cycles)
+        if active and fv.rot_delta is not None:
+            rot += self.ramp * _lookup(fv.rot_delta, cycles)
+        rot *= v.rot_level
+
+        shapes = [v.noise_shape, v.colour_delta]
+        if active and fv.noise_delta is not None:
+            shapes.append(fv.noise_delta)
+        noises = self._noise("machine", shapes)
+        # normal colour variation: a slow mix towards a brighter version of the same noise
+        noise = noises[0] + self._slow(v.colour_var, 0.5) * noises[1]
+        if len(noises) > 2:
+            noise += self.ramp * noises[2]
+        noise *= v.noise_level
+
+        # machine rhythm: blade-pass AM, pump pulsation, stroke/open gates
+        if v.env_kind == "am":
+            env = 1.0 + v.env_depth * _lookup(_COS, v.env_cycles_per_rev * cycles)
+            noise *= env
+        elif v.env_kind == "table":
+            noise *= _lookup(v.env_table, v.env_cycles_per_rev * cycles)
+        else:
+            w = self.t
+            if active and fv.drift:
+                w = self.t + fv.drift * self._ramp_integral(self.t)
+            gate = _lookup(v.gate_table, w / v.period_s)
+            rot *= v.rot_gate_floor + (1.0 - v.rot_gate_floor) * gate
+            noise *= v.noise_gate_floor + (1.0 - v.noise_gate_floor) * gate
+        machine = rot + noise
+        machine *= self._slow(v.level_var, 1.0)  # load changes: a slow +-1 dB
+
+        if active and fv.am_depth:  # imbalance: once-per-revolution amplitude modulation
+            machine *= 1.0 + (fv.am_depth * self.ramp) * _lookup(_COS, cycles + 0.1)
+        if active and fv.flutter_depth:  # clogging: irregular flutter
+            acc = np.zeros_like(self.grid_t)
+            for amp, nu, ph in v.flutter:
+                acc += amp * _lookup(_COS, nu * self.grid_t + ph)
+            machine *= 1.0 + (fv.flutter_depth * self.ramp) * self._interp(acc)
+
+        if v.events:
+            self._periodic_events(machine)
+        if active and fv.bearing_amp:
+            self._bearing(machine)
+        if active and fv.rub_level:
+            rub = self._noise("rubbing", [v.rub_shape])[0]
+            burst = _lookup(_RUB_ENV, cycles)
+            machine += (fv.rub_level * self.ramp) * burst * rub
+
+        background = self._noise("background", [v.bg_shape])[0] * v.bg_level
+        background += v.hum_level * _lookup(v.hum_table, v.hum_hz * self.t)
+        background *= self._slow(v.bg_var, 1.0)
+        background += (v.neighbour_level * self._neighbour_gate()) * _lookup(v.neighbour_table, v.neighbour_hz * self.t)
+        self._knocks(background)
+        return _soft_limit(machine + background)
+
+
+_RUB_ENV = _periodic_table((0.5 + 0.5 * np.cos(2 * np.pi * np.arange(_TABLE) / _TABLE)) ** 3 / 0.3125)
+
+
+def _soft_limit(x: np.ndarray) -> np.ndarray:
+    """Identity below the knee, a rational curve above it that never reaches 1 (basic ops only)."""
+    mag = np.abs(x)
+    over = mag > _SOFT_KNEE
+    if np.any(over):
+        u = (mag[over] - _SOFT_KNEE) / (1 - _SOFT_KNEE)
+        x[over] = np.sign(x[over]) * (_SOFT_KNEE + (1 - _SOFT_KNEE) * 0.98 * u / (1 + u))
+    return x.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Data sets
+
+
+MANIFEST_COLUMNS = ["path", "dataset", "machine_type", "machine_id", "split", "domain", "label", "sample_rate",
+                    "channels", "duration_s", "sha256", "device_id", "start_s", "fault", "severity"]
+
+
+def write_dataset(out_dir: str | os.PathLike, machine_types: Sequence[str] = ("fan", "pump", "valve"),
+                  devices_per_type: int = 4, n_train: int = 100, n_test_normal: int = 50,
+                  n_test_anomaly: int = 50, seconds: float = 10.0, seed: int = 0,
+                  faults: Sequence[str] = FAULT_TYPES, severity: tuple[float, float] = (0.3, 1.0),
+                  sample_rate: int = 16000, progress=None) -> Path:
+    """Write a DCASE2020-layout data set and its ``manifest.csv``; returns ``out_dir``.
+
+    ``<type>/train/normal_id_XX_NNNNNNNN.wav`` and ``<type>/test/{normal,anomaly}_id_XX_NNNNNNNN.wav``
+    per device (``id_XX`` = device index). Train clips are consecutive stretches of each
+    device's stream; test normals come later, anomalies later still, each anomaly with one of
+    the ``faults`` that apply to the machine type (cycled) at a severity uniform in ``severity``.
+    The manifest (columns ``MANIFEST_COLUMNS``) records the fault and severity of each anomaly.
+    Same arguments, same bytes.
+    """
+    from .io import write_audio
+
+    out = Path(out_dir)
+    types = list(machine_types)
+    unknown = [t for t in types if t not in MACHINE_TYPES]
+    if unknown or not types:
+        raise SynthError(f"machine types {types}: use some of {list(MACHINE_TYPES)}")
+    bad = [f for f in faults if f not in FAULT_TYPES]
+    if bad:
+        raise SynthError(f"unknown fault type(s) {bad}; the generator knows {list(FAULT_TYPES)}")
+    lo, hi = (float(x) for x in severity)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise SynthError(f"severity range {severity} must satisfy 0 <= lo <= hi <= 1")
+    if min(devices_per_type, n_train, n_test_normal, n_test_anomaly) < 0 or seconds <= 0:
+        raise SynthError("counts must be >= 0 and seconds > 0")
+    if n_test_anomaly and not all(set(faults) & set(FAULTS_BY_TYPE[t]) for t in types):
+        raise SynthError(f"none of the faults {list(faults)} applies to one of {types}; see FAULTS_BY_TYPE")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    total = len(types) * devices_per_type * (n_train + n_test_normal + n_test_anomaly)
+    done = 0
+    gap = 60.0  # seconds of stream between the parts, so no two clips overlap
+    for machine_type in types:
+        applicable = [f for f in faults if f in FAULTS_BY_TYPE[machine_type]]
+        for index in range(devices_per_type):
+            device = DeviceProfile(machine_type, index, int(seed))
+            pick = np.random.default_rng([int(seed), _key(machine_type, index, "dataset")])
+            parts = [("train", "normal", n_train), ("test", "normal", n_test_normal),
+                     ("test", "anomaly", n_test_anomaly)]
+            t0 = gap
+            for split, label, count in parts:
+                folder = out / machine_type / split
+                folder.mkdir(parents=True, exist_ok=True)
+                for k in range(count):
+                    start_s = t0 + k * seconds
+                    fault = None
+                    if label == "anomaly":
+                        fault = Fault(applicable[k % len(applicable)], round(float(pick.uniform(lo, hi)), 4), 0.0, 0.0)
+                    x = render(device, start_s, seconds, sample_rate, fault)
+                    path = folder / f"{label}_{device.machine_id}_{k:08d}.wav"
+                    write_audio(path, x, sample_rate)
+                    rows.append({
+                        "path": path.relative_to(out).as_posix(), "dataset": f"synthetic v{GENERATOR_VERSION} seed {seed}",
+                        "machine_type": machine_type, "machine_id": device.machine_id, "split": split, "domain": "",
+                        "label": label, "sample_rate": sample_rate, "channels": 1, "duration_s": seconds,
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "device_id": device.device_id,
+                        "start_s": start_s, "fault": fault.type if fault else "",
+                        "severity": fault.severity if fault else "",
+                    })
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                t0 += count * seconds + gap
+    rows.sort(key=lambda r: r["path"])
+    tmp = out / ".manifest.csv.tmp"
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "manifest.csv")
+    info = {"generator_version": GENERATOR_VERSION, "seed": seed, "machine_types": types,
+            "devices_per_type": devices_per_type, "n_train": n_train, "n_test_normal": n_test_normal,
+            "n_test_anomaly": n_test_anomaly, "seconds": seconds, "sample_rate": sample_rate,
+            "faults": list(faults), "severity": [lo, hi], "clips": len(rows),
+            "devices": [DeviceProfile(t, i, int(seed)).describe() for t in types for i in range(devices_per_type)]}
+    (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def profile_to_dict(profile: DeviceProfile) -> dict:
+    return asdict(profile)
