@@ -32,7 +32,7 @@ def arcface_logits(cosine: torch.Tensor, labels: torch.Tensor | None = None,
     """ArcFace logits from cosines (B, C).
 
     labels: None (no margin: inference), int class indices (B,), or soft targets (B, C) from
-    mixup, in which case each class's margin is applied in proportion to its target weight
+    mixup (DEVIATION 6, docs/model.md), in which case each class's margin is applied in proportion to its target weight
     (logit_j = s * (cos_j + t_j * (phi_j - cos_j))), which reduces to hard ArcFace for one-hot t.
     phi = cos(theta + m), with the fallback cos(theta) - m*sin(m) past theta > pi - m so that the
     target logit keeps decreasing in theta.
@@ -67,7 +67,7 @@ def contrastive_eq6_loss(anchor: torch.Tensor, positive: torch.Tensor, negative:
         L_dis = max(0, ||a - p||^2 - ||a - n||^2 + m)
         L     = mean((L_dis + alpha) * exp(s * L_cos + beta))
 
-    DEVIATION (docs/model.md): the paper prints L_dis without the hinge and writes D for the
+    DEVIATION 1 (docs/model.md): the paper prints L_dis without the hinge and writes D for the
     cosine terms while D is the *negative* cosine in its SimSiam section; as printed the loss is
     unbounded below (push ||a-n|| to infinity). With the hinge, L >= alpha*exp(beta - 2s) > 0.
     Distances are on the raw (unnormalised) embeddings, as printed.

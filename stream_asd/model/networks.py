@@ -78,7 +78,7 @@ class EncoderConfig:
     arch: str = "ghostnetv2_100"
     width: float = 1.0
     in_chans: int = 2
-    drop_rate: float = 0.2  # timm default; dropout on the 1280-d features in training mode only
+    drop_rate: float = 0.2  # DEVIATION 7 (unspecified): timm default; dropout on the 1280-d features in training only
 
 
 class SpectrogramEncoder(nn.Module):
@@ -179,7 +179,7 @@ TABLE1_BLOCKS: tuple[tuple[int, int, int], ...] = (
 class TimeCNNConfig:
     """Table 1. ``stem_padding`` 96 makes 160,000 samples -> 2,500 frames (= N / 64).
 
-    Deviation (recorded in docs/model.md): the table's "Input" column implies 1,250 frames after
+    DEVIATION 2 (docs/model.md): the table's "Input" column implies 1,250 frames after
     the stem (a total stride of 128) while its stem row says stride 64; we follow the listed
     parameters (k=256, stride 64) and pool adaptively, so the block sequence lengths are twice the
     printed ones. The table's last row (Avgpool, c=512) cannot change the channel count; the
@@ -269,7 +269,8 @@ class SEBlock(nn.Module):
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Table 2. Both encoder embeddings are projected (Linear + BatchNorm1d) to ``map_side**2``
+    """Table 2. DEVIATION 3 (docs/model.md; the paper leaves these open): both encoder embeddings
+    are projected (Linear + BatchNorm1d) to ``map_side**2``
     values, reshaped to square maps and stacked as 2 channels. Convs use no padding, so with
     map_side 16: 16 -> 16 -> 14 -> 12 -> 7 -> 7, then global average pooling -> 128-d embedding.
     """
@@ -330,7 +331,8 @@ class FusionNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class ArcFaceHead(nn.Module):
-    """Additive angular margin (Deng et al. 2019): logits = s * cos(theta_j), with the target class
+    """Additive angular margin (Deng et al. 2019); DEVIATION 6: soft mixup targets, see
+    ``losses.arcface_logits``. Logits = s * cos(theta_j), with the target class
     using cos(theta_y + m). Past theta_y > pi - m the usual monotonic fallback
     cos(theta) - m*sin(m) keeps the logit decreasing in theta.
 

@@ -6,12 +6,12 @@ thresholded per model group (machine type) and per device.
   here in numpy from the exported parameters (so loading a bundle needs no pickled sklearn
   object); ``score(X)`` standardises it by the mean/std of the training normals' NLL.
 - ``ensemble(fusion_z, stats_z, weights)``: 0.9 * fusion + 0.1 * statistics by default.
-- ``Thresholds``: one threshold per model group (a high quantile of normal scores) and one per
+- ``Thresholds`` (DEVIATION 5: the paper sets none): one threshold per model group (a high quantile of normal scores) and one per
   device once the device has at least ``min_device_windows`` normal windows.
 - ``EnsembleGroup`` / ``AeGroup``: everything one model group needs, exportable as plain arrays
   (safetensors) + JSON metadata.
 
-Implementation note (not a deviation): inputs are z-scored per dimension before the GMM. For a
+DEVIATION 4 (docs/model.md; numerically neutral): inputs are z-scored per dimension before the GMM. For a
 full-covariance Gaussian that only adds a constant to every NLL, which the NLL standardisation
 removes; it keeps the fit well conditioned when feature scales differ by many orders of
 magnitude (mel power statistics) and makes ``reg_covar`` a relative ridge.
