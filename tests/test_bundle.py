@@ -100,6 +100,8 @@ def test_detector_scores_equal_in_memory_model(built):
     # one window alone gets the same score as inside a batch (streaming == offline)
     single = det.score_windows(w[4:5], ["pump"], ["dev-b"])[0]
     assert single.score == pytest.approx(out[4].score, rel=2e-3, abs=1e-3)
+    det.warmup((1, 2))  # silent windows score without error
+    assert det.describe()["model_groups"] == ["fan", "pump"]
     with pytest.raises(UnknownModelGroup, match="valve"):
         det.score_windows(w[:1], ["valve"], ["x"])
     with pytest.raises(ValueError):

@@ -85,6 +85,14 @@ class _BaseDetector:
         for i in range(0, w.shape[0], self.max_batch):
             yield i, torch.from_numpy(np.ascontiguousarray(w[i:i + self.max_batch])).to(self.device, non_blocking=True)
 
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run silent windows through the networks once per batch size, so that the first real
+        batch does not pay for kernel selection / allocation (seconds on some CPUs and GPUs)."""
+        group = sorted(self.model_groups)[0]
+        for b in batch_sizes:
+            self.score_windows(np.zeros((int(b), self.window_samples), dtype=np.float32), [group] * int(b),
+                               ["warmup"] * int(b))
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version, "device": self.device,
                 "model_groups": sorted(self.model_groups), "feature_spec": self.feature_spec.to_dict()}
