@@ -270,7 +270,7 @@ floats in Helm: 1048576 would print as 1.048576e+06). */}}
 {{/* Pod spec fields every role shares; (dict "ctx" $ "role" .Values.<role> "gpu" bool). */}}
 {{- define "stream-asd.podCommon" -}}
 {{- $ctx := .ctx }}
-{{- $r := .role }}
+{{- $r := .role -}}
 serviceAccountName: {{ include "stream-asd.serviceAccountName" $ctx }}
 automountServiceAccountToken: {{ $ctx.Values.serviceAccount.automountToken }}
 {{- with $ctx.Values.imagePullSecrets }}
