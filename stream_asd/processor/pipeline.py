@@ -134,11 +134,16 @@ class StreamProcessor:
         if not batch:
             return
         waves = np.stack([w.samples for w in batch]).astype(np.float32, copy=False)
-        version, results = await self.runner.score_async(
-            waves, [w.machine_type for w in batch], [w.device_id for w in batch])
+        try:
+            version, results = await self.runner.score_async(
+                waves, [w.machine_type for w in batch], [w.device_id for w in batch])
+            scored = list(zip(batch, results))
+        except Exception:
+            log.exception("scoring a batch of %d windows failed; scoring them one by one", len(batch))
+            scored, version = await self._score_singly(batch)
         now_ns = self.wall_ns()
         m = self.metrics
-        for w, r in zip(batch, results):
+        for w, r in scored:
             latency = max(0.0, (now_ns - w.end_ns) / 1e9)
             rec = ScoreRecord(
                 device_id=w.device_id, machine_type=w.machine_type, window_id=w.window_id,
@@ -167,6 +172,21 @@ class StreamProcessor:
             serial = w.serial
             self._track_delivery(futs, lambda s=serial: self.ledger.mark_all_done(self.accounting.resolved(s)))
             self.windows_scored += 1
+
+    async def _score_singly(self, batch: list[Window]) -> tuple[list, str]:
+        """Isolate the windows the model cannot score: they are skipped (``score_error``), the
+        rest scored, so one bad window (or a swapped-in model missing a group) never stalls the
+        stream in a crash loop."""
+        out, version = [], self.runner.version
+        for w in batch:
+            try:
+                version, res = await self.runner.score_async(w.samples[None, :], [w.machine_type], [w.device_id])
+                out.append((w, res[0]))
+            except Exception as exc:
+                log.error("window %s cannot be scored (%r): skipped", w.window_id, exc)
+                self.metrics.windows_skipped.labels(reason="score_error").inc()
+                self.ledger.mark_all_done(self.accounting.resolved(w.serial))
+        return out, version
 
     def _track_delivery(self, futs: list, on_ok: Callable[[], None]) -> None:
         async def wait() -> None:

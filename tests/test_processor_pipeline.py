@@ -1,0 +1,135 @@
+"""The composed pipeline without Kafka: offsets advance only past chunks whose windows are
+scored and acknowledged (or dead-lettered and acknowledged); model errors never stall it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import processor_support as ps  # noqa: E402
+
+from stream_asd.config import load_settings  # noqa: E402
+from stream_asd.metrics import ProcessorMetrics  # noqa: E402
+from stream_asd.processor.pipeline import StreamProcessor  # noqa: E402
+from stream_asd.processor.runner import ModelRunner  # noqa: E402
+from stream_asd.wire import ScoreRecord  # noqa: E402
+
+TP = ("asd.audio", 0)
+
+
+class FakeBroker:
+    """``send`` returns a future the test acknowledges when it wants."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, bytes, bytes, list, asyncio.Future]] = []
+
+    async def send(self, topic, key, value, headers):
+        fut = asyncio.get_running_loop().create_future()
+        self.sent.append((topic, key, value, headers, fut))
+        return fut
+
+    def ack_all(self):
+        for *_, fut in self.sent:
+            if not fut.done():
+                fut.set_result(None)
+
+    def of(self, topic):
+        return [s for s in self.sent if s[0] == topic]
+
+
+def make(detector=None):
+    settings = load_settings(None, {"audio": {"chunk_seconds": 1.0}, "window": {"seconds": 4, "hop_seconds": 2},
+                                    "batch": {"max_size": 8, "max_wait_ms": 0}})
+    metrics = ProcessorMetrics(CollectorRegistry())
+    runner = ModelRunner(detector or ps.RmsDetector(), metrics, window_samples=4 * ps.SR)
+    broker = FakeBroker()
+    return StreamProcessor(settings, runner, broker.send, metrics), broker
+
+
+async def settle(proc):
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        while proc.batcher.pending():
+            await proc.score_batch(proc.batcher.drain_nowait())
+    await asyncio.sleep(0.01)
+
+
+def test_commit_waits_for_score_acks_and_dlq_acks():
+    async def main():
+        proc, broker = make()
+        m = ps.fleet(1, faulty=())[0]
+        offset = 0
+        for seq in range(6):  # offsets 0..5: windows [0,4) and [2,6)
+            await proc.on_message(TP, offset, *ps.chunk_message(m, seq))
+            offset += 1
+        await proc.on_message(TP, offset, b"junk", b"\x00" * 7, [])  # offset 6: invalid
+        await settle(proc)
+        assert len(broker.of("asd.scores")) == 2 and len(broker.of("asd.audio.dlq")) == 1
+        assert proc.commits_due() == {TP: 0}  # nothing acknowledged yet: nothing may be committed
+        broker.ack_all()
+        await settle(proc)
+        # windows [0,4) and [2,6) done: chunks 0..3 released; 4,5 wait for window [4,8)
+        due = proc.commits_due()
+        assert due == {TP: 4}
+        proc.ledger.confirm(due)
+        for seq in range(6, 8):
+            await proc.on_message(TP, offset + 1, *ps.chunk_message(m, seq))
+            offset += 1
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        # offsets 4, 5 (seqs 4, 5) and the dead letter (6) done; offset 7 (seq 6) is needed by [6,10)
+        assert proc.commits_due() == {TP: 7}
+        recs = [ScoreRecord.from_json(s[2]) for s in broker.of("asd.scores")]
+        assert [r.window_id for r in recs] == [f"{m.device_id}:0-3", f"{m.device_id}:2-5", f"{m.device_id}:4-7"]
+
+    asyncio.run(main())
+
+
+class FlakyDetector(ps.RmsDetector):
+    """Fails on any batch holding a 'pump' window (like a swapped-in model missing a group)."""
+
+    def score_windows(self, waves, machine_types, device_ids):
+        if "pump" in machine_types:
+            raise KeyError("no model group for pump")
+        return super().score_windows(waves, machine_types, device_ids)
+
+
+def test_unscorable_window_is_skipped_not_a_crash_loop():
+    async def main():
+        proc, broker = make(FlakyDetector())
+        fan, pump = ps.fleet(2, faulty=())
+        offset = 0
+        for seq in range(4):
+            for m in (fan, pump):
+                await proc.on_message(TP, offset, *ps.chunk_message(m, seq))
+                offset += 1
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        recs = [ScoreRecord.from_json(s[2]) for s in broker.of("asd.scores")]
+        assert [r.device_id for r in recs] == [fan.device_id]
+        assert proc.metrics.windows_skipped.labels(reason="score_error")._value.get() == 1
+        # the pump window counts as resolved: its first hop of chunks (and the fan's) are done
+        assert proc.commits_due() == {TP: 4}
+
+    asyncio.run(main())
+
+
+def test_swap_detector_between_batches_and_reject_unfit():
+    proc, _ = make()
+    new = ps.RmsDetector(version="rms-2")
+    proc.runner.swap_detector(new)
+    assert proc.runner.version == "rms-2"
+    try:
+        proc.runner.swap_detector(ps.RmsDetector(window_samples=123, version="bad"))
+    except Exception:
+        pass
+    assert proc.runner.version == "rms-2"
+    _, res = proc.runner.score(np.zeros((1, 4 * ps.SR), np.float32), ["fan"], ["d"])
+    assert res[0].score == 0.0
