@@ -86,12 +86,25 @@ def main(argv=None) -> int:
         res["fusion"] = timed(lambda: m.fusion(f, t), args.repeats, sync, "fusion")
     res["score_windows"] = timed(lambda: det.score_windows(waves, ["fan"] * args.batch, ["d"] * args.batch),
                                  args.repeats, sync, "score_windows")
+    # the AE baseline (DCASE2020 style, 128 mels, one dense AE per group)
+    from stream_asd.model.ensemble import AeModel
+    from stream_asd.model.scoring import AeGroup
+
+    ae = AeModel(group_names=["fan"]).eval()
+    ag = AeGroup("fan", 0)
+    ag.fit_standardisation(rng.uniform(1, 2, 100))
+    ag.calibrate(rng.uniform(1, 2, 100))
+    with tempfile.TemporaryDirectory() as tmp:
+        ae_det = load_detector(ae.to_bundle({"fan": ag}).save(Path(tmp) / "ae"), device=args.device,
+                               max_batch=args.batch)
+    res["ae_score_windows"] = timed(lambda: ae_det.score_windows(waves, ["fan"] * args.batch, ["d"] * args.batch),
+                                    args.repeats, sync, "ae_score_windows")
     per_window_ms = {k: 1000 * float(np.median(v)) / args.batch for k, v in res.items()}
     report = {
         "device": dev, "threads": args.threads, "batch": args.batch, "repeats": args.repeats,
         "sizes": "tiny" if args.tiny else "paper",
         "params": {"encoder": count_parameters(m.encoder), "time_cnn": count_parameters(m.time_cnn),
-                   "fusion": count_parameters(m.fusion)},
+                   "fusion": count_parameters(m.fusion), "ae": count_parameters(ae_det.model)},
         "bundle_bytes": bundle_bytes,
         "per_window_ms_median": per_window_ms,
         "per_window_cpu_ms": {k: 1000 * v / args.batch for k, v in CPU_TIMES.items()},
