@@ -29,7 +29,7 @@ from stream_asd.config import Settings
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "stream-asd"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-RULES_TEST = ROOT / "deploy" / "prometheus" / "rules.test.yml"
+RULES_TESTS = [ROOT / "deploy" / "prometheus" / "rules.test.yml", ROOT / "deploy" / "prometheus" / "rules.test.days.yml"]
 DASHBOARD = ROOT / "deploy" / "grafana" / "stream-asd.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
 TOOLS_BIN = Path(os.environ.get("STREAM_ASD_TOOLS", Path.home() / ".cache" / "stream-asd-tools")) / "bin"
@@ -366,7 +366,7 @@ def test_promtool_check_rules():
 
 
 def test_promtool_rule_unit_tests():
-    proc = run(tool("promtool"), "test", "rules", str(RULES_TEST))
+    proc = run(tool("promtool"), "test", "rules", *map(str, RULES_TESTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -382,7 +382,8 @@ def test_every_alert_has_a_runbook_section():
         assert alert["labels"]["severity"] in ("info", "warning", "critical")
         assert ann["runbook_url"] == f"docs/operations.md#{alert['alert'].lower()}"
         assert alert["alert"].lower() in headings, f"docs/operations.md has no section {alert['alert']}"
-    tested = {t["alertname"] for t in yaml.safe_load(RULES_TEST.read_text())["tests"] for t in t.get("alert_rule_test", [])}
+    tested = {case["alertname"] for path in RULES_TESTS for group in yaml.safe_load(path.read_text())["tests"]
+              for case in group.get("alert_rule_test", [])}
     assert tested == {a["alert"] for a in alerts}  # every alert has a promtool unit test
 
 
