@@ -41,14 +41,15 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
 import math
 import numbers
 import os
+import weakref
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -153,7 +154,7 @@ class Fault:
             raise SynthError(f"unknown fault type {self.type!r}; the generator knows {list(FAULT_TYPES)}")
         for name in ("severity", "start_s", "ramp_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise SynthError(f"fault {name} must be a finite number, got {value!r}")
         if not 0.0 <= self.severity <= 1.0:
             raise SynthError(f"fault severity must be in [0, 1], got {self.severity}")
@@ -204,8 +205,9 @@ def _u01(salt: int, idx: np.ndarray) -> np.ndarray:
 
 
 def _periodic_table(values: np.ndarray) -> np.ndarray:
-    """A one-period table of _TABLE points, extended by two wrap-around points for look-ups."""
-    values = np.asarray(values, dtype=np.float64)
+    """A one-period table of _TABLE points, extended by two wrap-around points for look-ups.
+    float32 (precision ~1e-7 is plenty for audio) keeps a device's voice small."""
+    values = np.asarray(values, dtype=np.float32)
     return np.concatenate([values, values[:2]])
 
 
@@ -231,6 +233,11 @@ def _harmonic_table(amps: dict[int, float], phases: dict[int, float]) -> np.ndar
     wave = np.fft.irfft(spectrum, _TABLE)
     rms = float(np.sqrt(np.mean(wave ** 2)))
     return _periodic_table(wave / rms if rms > 0 else wave)
+
+
+# Mains hum of the factory (harmonics of 50 or 60 Hz), the same wiring everywhere.
+_HUM_TABLE = _harmonic_table({1: 0.5, 2: 1.0, 3: 0.4, 4: 0.3, 5: 0.15, 6: 0.1},
+                             {1: 0.3, 2: 1.9, 3: 4.0, 4: 2.2, 5: 5.1, 6: 0.7})
 
 
 def _shape_noise(freqs: np.ndarray, *, tilt_db_oct=0.0, f_ref=1000.0, bumps=(), lowpass=None, highpass=40.0):
@@ -275,7 +282,7 @@ def _decaying_modes(sr: int, modes: Sequence[tuple[float, float, float]], noise_
     fade[-tail:] = np.linspace(1, 0, tail)
     k *= fade
     peak = np.max(np.abs(k))
-    return k / peak if peak > 0 else k
+    return (k / peak if peak > 0 else k).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,12 +299,10 @@ class _Voice:
     rot_phases: dict
     rot_table: np.ndarray
     rot_level: float
-    noise_mag: np.ndarray  # unshaped (for fault variants)
     noise_shape: np.ndarray  # float32, unit-RMS
     noise_level: float
     bg_shape: np.ndarray
     bg_level: float
-    hum_table: np.ndarray
     hum_hz: float
     hum_level: float
     env_kind: str  # 'am' | 'table' | 'gate'
@@ -313,7 +318,7 @@ class _Voice:
     knock_amp: float
     bearing_ratio: float
     bearing_kernel: np.ndarray
-    rub_shape: np.ndarray
+    rub_fc: float  # centre of the rubbing friction band (Hz)
     flutter: np.ndarray  # (4, 3) terms for clogging irregularity
     machine_rms: float
     # normal operating variability (slow, minutes): load/level, noise colour, background
@@ -331,8 +336,33 @@ def _freq_grid(sr: int) -> np.ndarray:
     return np.fft.rfftfreq(_SEG, 1.0 / sr)
 
 
-@lru_cache(maxsize=512)
+# A voice is ~0.3 MB and takes milliseconds to build: keep it as long as the caller keeps its
+# DeviceProfile (a producer serving a fleet), plus the most recent ones for throw-away profiles.
+_VOICES: "weakref.WeakKeyDictionary[DeviceProfile, dict]" = weakref.WeakKeyDictionary()
+_RECENT: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_RECENT_MAX = 64
+
+
+def _cached(profile: DeviceProfile, key: tuple, build):
+    per_profile = _VOICES.get(profile)
+    if per_profile is None:
+        per_profile = _VOICES.setdefault(profile, {})
+    value = per_profile.get(key)
+    if value is None:
+        value = per_profile.setdefault(key, build())
+    recent_key = (profile, key)
+    _RECENT[recent_key] = value
+    _RECENT.move_to_end(recent_key)
+    while len(_RECENT) > _RECENT_MAX:
+        _RECENT.popitem(last=False)
+    return value
+
+
 def _voice(profile: DeviceProfile, sr: int) -> _Voice:
+    return _cached(profile, ("voice", sr), lambda: _build_voice(profile, sr))
+
+
+def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     rng = _rng(profile, "voice")
     u = rng.uniform
     mt = profile.machine_type
@@ -463,18 +493,15 @@ def _voice(profile: DeviceProfile, sr: int) -> _Voice:
 
     # factory background: mains hum, room noise, distant knocks
     hum_hz = 50.0 if u() < 0.5 else 60.0
-    hum_amps = {h: w * u(0.5, 1.5) for h, w in zip(range(1, 7), (0.5, 1.0, 0.4, 0.3, 0.15, 0.1))}
-    hum_table = _harmonic_table(hum_amps, {h: u(0, 2 * np.pi) for h in hum_amps})
     bg_mag = _shape_noise(freqs, tilt_db_oct=-3.0, f_ref=500.0, bumps=[(u(100, 400), 1.0, 6.0)], lowpass=(6000.0, 2))
-    knock_kernels = [_decaying_modes(sr, [(u(60, 200), u(0.02, 0.06), 1.0), (u(200, 600), u(0.01, 0.03), 0.4)])
-                     for _ in range(3)]
+    knock_kernels = [_decaying_modes(sr, [(u(60, 200), u(0.02, 0.05), 1.0), (u(200, 600), u(0.01, 0.03), 0.4)])
+                     for _ in range(2)]
 
     # fault-specific device properties (used only when a fault is injected)
     bearing_ratio = u(3.1, 5.7)
     bearing_kernel = _decaying_modes(sr, [(min(u(2500, 5500), 0.4 * sr), u(0.0008, 0.002), 1.0),
                                           (min(u(5500, 7000), 0.44 * sr), u(0.0004, 0.001), 0.4)])
-    rub_mag = _shape_noise(freqs, tilt_db_oct=0.0, bumps=[(min(u(3000, 6000), 0.4 * sr), 0.6, 10.0)],
-                           highpass=1500.0, lowpass=(0.45 * sr, 4))
+    rub_fc = min(u(3000, 6000), 0.4 * sr)
     flutter = np.array([(u(0.5, 1.0), u(0.7, 5.0), u()) for _ in range(4)])
     flutter[:, 0] /= flutter[:, 0].sum()
 
@@ -497,13 +524,13 @@ def _voice(profile: DeviceProfile, sr: int) -> _Voice:
         level_var=level_var, colour_var=colour_var, colour_delta=colour_delta, bg_var=bg_var,
         neighbour_table=neighbour_table, neighbour_hz=nb_hz, neighbour_level=neighbour_level,
         profile=profile, sr=sr, f_r=f_r, wobble=wobble, rot_amps=amps, rot_phases=phases,
-        rot_table=_harmonic_table(amps, phases), rot_level=rot_level, noise_mag=noise_mag,
+        rot_table=_harmonic_table(amps, phases), rot_level=rot_level,
         noise_shape=noise_shape, noise_level=noise_level,
-        bg_shape=_unit_rms_shape(bg_mag), bg_level=u(0.006, 0.015), hum_table=hum_table, hum_hz=hum_hz,
+        bg_shape=_unit_rms_shape(bg_mag), bg_level=u(0.006, 0.015), hum_hz=hum_hz,
         hum_level=u(0.002, 0.006), env_kind=env_kind, env_cycles_per_rev=env_cpr, env_table=env_table,
         env_depth=env_depth, period_s=period_s, gate_table=gate_table, rot_gate_floor=rot_gate_floor,
         noise_gate_floor=noise_gate_floor, events=events, knock_kernels=knock_kernels, knock_amp=u(0.02, 0.05),
-        bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_shape=_unit_rms_shape(rub_mag),
+        bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_fc=rub_fc,
         flutter=flutter, machine_rms=float(math.hypot(rot_level, noise_level)),
         summary={**{k: round(float(v), 3) if isinstance(v, float) else v for k, v in summary.items()},
                  "harmonics": len(amps), "gain": round(gain, 3), "mains_hz": hum_hz},
@@ -526,7 +553,6 @@ def _db_attenuation(freqs_hz: np.ndarray, severity: float) -> np.ndarray:
 
 @dataclass
 class _FaultVoice:
-    fault: Fault
     rot_delta: np.ndarray | None = None  # wavetable difference (imbalance, clogging)
     noise_delta: np.ndarray | None = None  # noise shape difference (clogging)
     am_depth: float = 0.0
@@ -534,14 +560,20 @@ class _FaultVoice:
     drift: float = 0.0
     bearing_amp: float = 0.0
     rub_level: float = 0.0
+    rub_shape: np.ndarray | None = None
     click_drop: float = 0.0
 
 
-@lru_cache(maxsize=512)
 def _fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
+    # the voice of a fault does not depend on when it starts
+    key = ("fault", fault.type, fault.severity, sr)
+    return _cached(profile, key, lambda: _build_fault_voice(profile, fault, sr))
+
+
+def _build_fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
     v = _voice(profile, sr)
     s = fault.severity
-    fv = _FaultVoice(fault)
+    fv = _FaultVoice()
     if fault.type not in FAULTS_BY_TYPE[profile.machine_type]:
         raise SynthError(f"fault {fault.type!r} does not apply to a {profile.machine_type}; "
                          f"use one of {list(FAULTS_BY_TYPE[profile.machine_type])}")
@@ -565,6 +597,8 @@ def _fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
         fv.bearing_amp = _BEARING_GAIN * s ** 1.5 * v.machine_rms
     elif fault.type == "rubbing":
         fv.rub_level = _RUBBING_GAIN * s * s * v.noise_level
+        fv.rub_shape = _unit_rms_shape(_shape_noise(_freq_grid(sr), bumps=[(v.rub_fc, 0.6, 10.0)], highpass=1500.0,
+                                                    lowpass=(0.45 * sr, 4)))
     elif fault.type == "click_loss":
         fv.click_drop = _CLICK_DROP * s
     return fv
@@ -582,7 +616,7 @@ def render(device: DeviceProfile, start_s: float, seconds: float, sample_rate: i
     endless stream, whatever the chunking. ``fault`` changes the sound from ``fault.start_s``.
     """
     for name, value in (("start_s", start_s), ("seconds", seconds)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise SynthError(f"{name} must be a finite number >= 0, got {value!r}")
     return render_samples(device, int(round(start_s * sample_rate)), int(round(seconds * sample_rate)),
                           sample_rate, fault)
@@ -595,8 +629,9 @@ def render_samples(device: DeviceProfile, start: int, n: int, sample_rate: int =
         raise SynthError(f"device must be a DeviceProfile, got {type(device).__name__}")
     if start < 0 or n < 0:
         raise SynthError(f"start and n must be >= 0, got {start}, {n}")
-    if not (isinstance(sample_rate, int) and 8000 <= sample_rate <= 192000):
+    if not (isinstance(sample_rate, numbers.Integral) and 8000 <= sample_rate <= 192000):
         raise SynthError(f"sample_rate must be an int in 8000..192000, got {sample_rate!r}")
+    start, n, sample_rate = int(start), int(n), int(sample_rate)
     if fault is not None and not isinstance(fault, Fault):
         raise SynthError(f"fault must be a Fault or None, got {type(fault).__name__}")
     if n == 0:
@@ -610,7 +645,7 @@ def render_samples(device: DeviceProfile, start: int, n: int, sample_rate: int =
     pos, end = start, start + n
     while pos < end:
         stop = min(end, (pos // _PIECE + 1) * _PIECE)
-        out[pos - start:stop - start] = _Renderer(v, fv, pos, stop - pos, segments).run()
+        out[pos - start:stop - start] = _Renderer(v, fv, fault, pos, stop - pos, segments).run()
         pos = stop
     return out
 
@@ -618,7 +653,7 @@ def render_samples(device: DeviceProfile, start: int, n: int, sample_rate: int =
 class _Renderer:
     """One render call. Every array is indexed by absolute sample number ``start + i``."""
 
-    def __init__(self, v: _Voice, fv: _FaultVoice | None, start: int, n: int, segments: dict):
+    def __init__(self, v: _Voice, fv: _FaultVoice | None, fault: Fault | None, start: int, n: int, segments: dict):
         self.v, self.fv, self.start, self.n = v, fv, start, n
         self.segments = segments  # (source, n_shapes, j) -> windowed segments, shared by the pieces
         self.sr = v.sr
@@ -631,7 +666,7 @@ class _Renderer:
         rel = self.idx - g0 * _CTRL
         self.gi = rel // _CTRL
         self.gf = (rel - self.gi * _CTRL) / float(_CTRL)
-        self.fault = fv.fault if fv is not None else None
+        self.fault = fault
         self.ramp = self._ramp(self.t) if fv is not None else None
         self.active = fv is not None and bool(np.any(self.ramp > 0))
 
@@ -710,8 +745,10 @@ class _Renderer:
     # -- noise ----------------------------------------------------------------------------
     _window = np.sin(np.pi * (np.arange(_SEG) + 0.5) / _SEG).astype(np.float32)
 
-    def _noise(self, source: str, shapes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Shaped noise sharing one white realisation per segment; one output per shape."""
+    def _noise(self, source: str, shapes: Sequence[np.ndarray], colour: tuple | None = None) -> list[np.ndarray]:
+        """Shaped noise sharing one white realisation per segment; one output per shape.
+        ``colour=(delta, terms)``: the first shape becomes shape + alpha_j * delta, alpha_j the
+        slow colour mix at segment j's centre (a change over minutes needs no finer steps)."""
         v = self.v
         first = self.start // BLOCK - 1
         last = (self.start + self.n - 1) // BLOCK
@@ -720,7 +757,7 @@ class _Renderer:
             cache_key = (source, len(shapes), j)
             segs = self.segments.get(cache_key)
             if segs is None:
-                segs = self._segment(source, shapes, j)
+                segs = self._segment(source, shapes, j, colour)
                 for old in [k for k in self.segments if k[0] == source and k[2] < first]:
                     del self.segments[old]
                 self.segments[cache_key] = segs
@@ -730,7 +767,7 @@ class _Renderer:
                 out[lo - self.start:hi - self.start] += seg[lo - j * BLOCK:hi - j * BLOCK]
         return outs
 
-    def _segment(self, source: str, shapes: Sequence[np.ndarray], j: int) -> list[np.ndarray]:
+    def _segment(self, source: str, shapes: Sequence[np.ndarray], j: int, colour: tuple | None) -> list[np.ndarray]:
         """Windowed noise segment j (samples [j*BLOCK, j*BLOCK + 2*BLOCK)) for each shape."""
         v = self.v
         key = _key(v.profile.machine_type, v.profile.index, "noise", source)
@@ -743,7 +780,12 @@ class _Renderer:
         parts *= np.float32(math.sqrt(12.0))
         z = parts[:bins] + 1j * parts[bins:]
         segs = []
-        for shape in shapes:
+        for k, shape in enumerate(shapes):
+            if k == 0 and colour is not None:
+                delta, terms = colour
+                centre = np.array([(j * BLOCK + BLOCK) / self.sr])
+                alpha = 0.5 + sum(amp * _lookup(_COS, nu * centre + ph)[0] for amp, nu, ph in terms)
+                shape = shape + np.float32(alpha) * delta
             seg = np.fft.irfft(z * shape, _SEG)
             seg *= self._window
             segs.append(seg)
@@ -785,8 +827,8 @@ class _Renderer:
             if self.active and fv.click_drop:
                 r = self._ramp(tau)
                 drop = _u01(salt + 11 * e + 2, i) < fv.click_drop * r
-                a = np.where(drop, 0.0, a * (1 - 0.4 * fv.fault.severity * r * _u01(salt + 11 * e + 3, i)))
-                tau = tau + 0.08 * v.period_s * fv.fault.severity * r * _u01(salt + 11 * e + 4, i)
+                a = np.where(drop, 0.0, a * (1 - 0.4 * self.fault.severity * r * _u01(salt + 11 * e + 3, i)))
+                tau = tau + 0.08 * v.period_s * self.fault.severity * r * _u01(salt + 11 * e + 4, i)
             variant = np.floor(_u01(salt + 11 * e + 5, i) * len(kernels)).astype(np.int64)
             pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
             for k, kernel in enumerate(kernels):
@@ -828,14 +870,14 @@ class _Renderer:
             rot += self.ramp * _lookup(fv.rot_delta, cycles)
         rot *= v.rot_level
 
-        shapes = [v.noise_shape, v.colour_delta]
+        shapes = [v.noise_shape]
         if active and fv.noise_delta is not None:
             shapes.append(fv.noise_delta)
-        noises = self._noise("machine", shapes)
         # normal colour variation: a slow mix towards a brighter version of the same noise
-        noise = noises[0] + self._slow(v.colour_var, 0.5) * noises[1]
-        if len(noises) > 2:
-            noise += self.ramp * noises[2]
+        noises = self._noise("machine", shapes, colour=(v.colour_delta, v.colour_var))
+        noise = noises[0]
+        if len(noises) > 1:
+            noise += self.ramp * noises[1]
         noise *= v.noise_level
 
         # machine rhythm: blade-pass AM, pump pulsation, stroke/open gates
@@ -867,12 +909,12 @@ class _Renderer:
         if active and fv.bearing_amp:
             self._bearing(machine)
         if active and fv.rub_level:
-            rub = self._noise("rubbing", [v.rub_shape])[0]
+            rub = self._noise("rubbing", [fv.rub_shape])[0]
             burst = _lookup(_RUB_ENV, cycles)
             machine += (fv.rub_level * self.ramp) * burst * rub
 
         background = self._noise("background", [v.bg_shape])[0] * v.bg_level
-        background += v.hum_level * _lookup(v.hum_table, v.hum_hz * self.t)
+        background += v.hum_level * _lookup(_HUM_TABLE, v.hum_hz * self.t)
         background *= self._slow(v.bg_var, 1.0)
         background += (v.neighbour_level * self._neighbour_gate()) * _lookup(v.neighbour_table, v.neighbour_hz * self.t)
         self._knocks(background)
