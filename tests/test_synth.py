@@ -209,3 +209,16 @@ def test_synth_cli(tmp_path):
     clips = iter_clips(tmp_path / "d")
     assert sorted((c.split, c.label) for c in clips) == [("test", "anomaly"), ("test", "anomaly"),
                                                           ("test", "normal"), ("train", "normal")]
+
+
+def test_device_voices_are_released_with_their_profiles():
+    """A producer holds its fleet's profiles; their cached voices must not outlive them."""
+    import gc
+
+    fleet = S.make_fleet(S._RECENT_MAX + 40, ["gearbox"], seed=123)
+    for device in fleet:
+        S.render_samples(device, 0, 64)
+    assert all(device in S._VOICES for device in fleet)
+    del fleet, device
+    gc.collect()
+    assert sum(1 for p in list(S._VOICES) if p.seed == 123) <= S._RECENT_MAX

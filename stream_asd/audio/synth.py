@@ -48,10 +48,11 @@ import json
 import math
 import numbers
 import os
+import threading
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -289,9 +290,17 @@ def _decaying_modes(sr: int, modes: Sequence[tuple[float, float, float]], noise_
 # Device voices: everything derived from a profile, per sample rate (cached)
 
 
+class _Ident(NamedTuple):
+    """A profile's fields without the profile (a voice must not keep its weak-dict key alive)."""
+
+    machine_type: str
+    index: int
+    seed: int
+
+
 @dataclass
 class _Voice:
-    profile: DeviceProfile
+    profile: _Ident
     sr: int
     f_r: float  # shaft (or motor) rotation frequency, Hz
     wobble: np.ndarray  # (k, 3): speed-multiplier terms (amplitude, freq Hz, phase cycles)
@@ -343,18 +352,21 @@ _RECENT: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 _RECENT_MAX = 64
 
 
+_CACHE_LOCK = threading.Lock()
+
+
 def _cached(profile: DeviceProfile, key: tuple, build):
-    per_profile = _VOICES.get(profile)
-    if per_profile is None:
-        per_profile = _VOICES.setdefault(profile, {})
-    value = per_profile.get(key)
+    with _CACHE_LOCK:
+        value = _VOICES.get(profile, {}).get(key)
     if value is None:
-        value = per_profile.setdefault(key, build())
-    recent_key = (profile, key)
-    _RECENT[recent_key] = value
-    _RECENT.move_to_end(recent_key)
-    while len(_RECENT) > _RECENT_MAX:
-        _RECENT.popitem(last=False)
+        value = build()  # outside the lock: building takes milliseconds; a race builds twice
+    with _CACHE_LOCK:
+        value = _VOICES.setdefault(profile, {}).setdefault(key, value)
+        recent_key = (profile, key)
+        _RECENT[recent_key] = value
+        _RECENT.move_to_end(recent_key)
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
     return value
 
 
@@ -523,7 +535,7 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     return _Voice(
         level_var=level_var, colour_var=colour_var, colour_delta=colour_delta, bg_var=bg_var,
         neighbour_table=neighbour_table, neighbour_hz=nb_hz, neighbour_level=neighbour_level,
-        profile=profile, sr=sr, f_r=f_r, wobble=wobble, rot_amps=amps, rot_phases=phases,
+        profile=_Ident(profile.machine_type, profile.index, profile.seed), sr=sr, f_r=f_r, wobble=wobble, rot_amps=amps, rot_phases=phases,
         rot_table=_harmonic_table(amps, phases), rot_level=rot_level,
         noise_shape=noise_shape, noise_level=noise_level,
         bg_shape=_unit_rms_shape(bg_mag), bg_level=u(0.006, 0.015), hum_hz=hum_hz,
