@@ -54,6 +54,13 @@ def test_spectrogram_encoder_tiny_width_outputs_1280():
     assert y.shape == (2, 1280) and enc.out_features == 1280
     assert count_parameters(enc) < 700_000
     assert enc.backbone.conv_stem.in_channels == 2
+    # channels-last (the detector's CPU speed-up) gives the same embedding to float32 rounding
+    x = torch.randn(2, 2, 64, 70)
+    with torch.inference_mode():
+        a = enc(x)
+        b = enc.use_channels_last(True)(x)
+    enc.use_channels_last(False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
 def test_spectrogram_encoder_default_is_ghostnetv2_100():
