@@ -191,3 +191,16 @@ def test_clear_errors_when_nothing_matches(tmp_path):
 def test_clip_fields():
     c = Clip(Path("x.wav"), "fan", "id_00", "test", "anomaly")
     assert c.device_id == "fan-id_00" and c.is_anomaly and c.domain is None
+
+
+@needs_realdata
+def test_realdata_files_decode_with_manifest_durations():
+    from stream_asd.audio.io import audio_info, read_audio
+
+    for row in _manifest_rows():
+        path = REALDATA / row["path"]
+        info = audio_info(path)
+        assert (info.sample_rate, info.channels) == (int(row["sample_rate"]), int(row["channels"]))
+        assert info.duration_s == pytest.approx(float(row["duration_s"]), abs=0.01)
+    x = read_audio(REALDATA / _manifest_rows()[0]["path"])
+    assert x.dtype == np.float32 and x.size == 11 * 16000 and 0 < np.abs(x).max() <= 1.0
