@@ -52,8 +52,8 @@ LABEL org.opencontainers.image.title="stream-asd" \
       io.stream-asd.torch-variant="${TORCH_VARIANT}"
 # Fixed numeric ids so Kubernetes runAsNonRoot/runAsUser can check them. The base's own
 # pip/setuptools go too: nothing installs packages at run time.
-RUN groupadd --system --gid 10001 asd \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+RUN groupadd --gid 10001 asd \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin asd \
  && rm -rf /usr/local/lib/python3.11/site-packages/pip /usr/local/lib/python3.11/site-packages/pip-* \
            /usr/local/lib/python3.11/site-packages/setuptools* /usr/local/lib/python3.11/site-packages/wheel* \

@@ -60,7 +60,8 @@ log "building $IMAGE (TORCH_VARIANT=$TORCH_VARIANT)"
 started=$(date +%s)
 mounts=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
 if [ -f "${PIP_CONF:-/etc/pip.conf}" ]; then mounts+=(--volume "${PIP_CONF:-/etc/pip.conf}:/etc/pip.conf:ro"); fi
-buildah bud --isolation=chroot --pull=never "${mounts[@]}" \
+# docker format: the OCI image config has no HEALTHCHECK field.
+buildah bud --isolation=chroot --pull=never --format docker "${mounts[@]}" \
   --build-arg "TORCH_VARIANT=$TORCH_VARIANT" \
   -f Dockerfile -t "$IMAGE" .
 log "built in $(( $(date +%s) - started )) s"
@@ -70,8 +71,14 @@ log "image size: $(podman image inspect --format '{{.Size}}' "$IMAGE" 2>/dev/nul
 log "running stream-asd --help inside (as the image's user)"
 buildah run --isolation=chroot --user 10001:10001 "$CTR" -- stream-asd --help
 buildah run --isolation=chroot --user 10001:10001 "$CTR" -- asd-train --help >/dev/null
+buildah run --isolation=chroot --user 10001:10001 "$CTR" -- python -c \
+  'import torch, faust, stream_asd.processor.app, trainer.job; print("torch", torch.__version__, "cuda build:", torch.version.cuda)'
+buildah run --isolation=chroot --user 10001:10001 --env ASD_METRICS__PORT=0 "$CTR" -- python /usr/local/bin/asd-healthcheck
 buildah run --isolation=chroot "$CTR" -- sh -c '! command -v pip && ! command -v gcc' >/dev/null
-log "OK: stream-asd and asd-train answer; no pip or compiler in the image"
+healthcheck="$(buildah inspect --type image --format '{{.Docker.Config.Healthcheck}}' "$IMAGE")"
+log "healthcheck in the image config: $healthcheck"
+case "$healthcheck" in *asd-healthcheck*) ;; *) log "FAIL: no HEALTHCHECK in the image"; exit 1;; esac
+log "OK: stream-asd and asd-train answer, the runtime imports, no pip or compiler in the image"
 
 if [ -z "${KEEP:-}" ]; then
   buildah rm "$CTR" >/dev/null && CTR=""
