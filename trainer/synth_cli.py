@@ -44,14 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     last = [0.0]
+    tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
+        # a live counter on a terminal, a line every ~10 s in logs
         now = time.perf_counter()
-        if done == total or now - last[0] >= 2.0:
+        if done == total or now - last[0] >= (1.0 if tty else 10.0):
             last[0] = now
-            print(f"\r{done}/{total} clips", end="", file=sys.stderr, flush=True)
-            if done == total:
-                print(file=sys.stderr)
+            if tty:
+                print(f"\r{done}/{total} clips", end="\n" if done == total else "", file=sys.stderr, flush=True)
+            else:
+                log.info("%d/%d clips (%.0f s)", done, total, now - started)
 
     out = synth.write_dataset(args.out, args.machine_types, args.devices_per_type, args.train, args.test_normal,
                               args.test_anomaly, args.seconds, args.seed, args.faults, tuple(args.severity),

@@ -9,13 +9,14 @@ What it makes
 - Every device is a :class:`DeviceProfile` ``(machine_type, index, seed)``; its fundamental,
   harmonic weights and phases, noise colour, rhythm, click resonances, loudness and its factory
   background (mains hum 50/60 Hz, room noise, distant knocks) all derive from that triple.
-  Normal operation varies slowly (speed wobble of a few tenths of a percent), as real machines do.
+  Normal operation varies slowly, as real machines do: speed +-1 %, load/level +-1 dB, noise
+  colour, background level, a neighbouring machine switching on and off (minutes).
 - Faults (``FAULT_TYPES``), each at a severity in [0, 1]: ``bearing`` (impulses at a
   non-integer multiple of the shaft rate exciting a high resonance, load-zone modulated),
   ``imbalance`` (once-per-revolution tone and amplitude modulation), ``rubbing`` (high-band
   friction noise bursting once per revolution), ``drift`` (the operating speed/rhythm drifts up
   by up to 5%: a tonal change with the same loudness), ``clogging`` (high frequencies damped and
-  an irregular flutter), ``click_loss`` (valve/slider: missing, weaker, late clicks). Some faults
+  an irregular flutter), ``click_loss`` (valve: missing, weaker, late clicks). Some faults
   add energy (bearing, rubbing), some only move or remove it (drift, clogging, click_loss), so a
   detector that only watches loudness or reconstruction error misses part of them.
 
@@ -50,7 +51,7 @@ import numbers
 import os
 import threading
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -68,7 +69,7 @@ GENERATOR_VERSION = 1
 MACHINE_TYPES = ("fan", "pump", "slider", "valve", "gearbox")
 _CORE_FAULTS = ("bearing", "imbalance", "rubbing", "drift", "clogging")
 FAULT_TYPES = _CORE_FAULTS + ("click_loss",)
-#: which faults make sense on which machine (click_loss needs clicks or strokes)
+#: which faults make sense on which machine (click_loss needs the valve's clicks)
 FAULTS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "fan": _CORE_FAULTS, "pump": _CORE_FAULTS, "gearbox": _CORE_FAULTS,
     "slider": _CORE_FAULTS, "valve": _CORE_FAULTS + ("click_loss",),
@@ -1036,6 +1037,3 @@ def write_dataset(out_dir: str | os.PathLike, machine_types: Sequence[str] = ("f
     (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
 
-
-def profile_to_dict(profile: DeviceProfile) -> dict:
-    return asdict(profile)
