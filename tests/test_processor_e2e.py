@@ -46,6 +46,8 @@ def n_windows(n_chunks: int) -> int:
 def bundle() -> Path | None:
     if STANDIN:
         return None
+    if os.environ.get("STREAM_ASD_TEST_BUNDLE"):  # a bundle built elsewhere (debugging)
+        return Path(os.environ["STREAM_ASD_TEST_BUNDLE"])
     cache = Path(os.environ.get("STREAM_ASD_TEST_CACHE", Path.home() / ".cache" / "stream-asd-test"))
     cache.mkdir(parents=True, exist_ok=True)
     return ps.build_tiny_bundle(cache, ps.fleet())
@@ -166,6 +168,11 @@ def test_e2e_metrics_match_records(fleet_run):
     lat = np.array([x.capture_to_score_s for x in r["records"]])
     print(f"\ncapture-to-score latency: p50 {np.percentile(lat, 50):.3f} s, p99 {np.percentile(lat, 99):.3f} s, "
           f"n={len(lat)}, records={len(r['records'])}, unique windows={len({x.window_id for x in r['records']})}")
+    model_s = total("asd_inference_seconds_sum")
+    batched = total("asd_batch_size_windows_sum")
+    assert batched == len(r["records"])
+    print(f"model throughput: {batched / model_s:.1f} windows/s of model time "
+          f"({total('asd_batch_size_windows_count'):.0f} batches, mean {batched / total('asd_batch_size_windows_count'):.1f} windows)")
     assert np.percentile(lat, 50) < 10.0  # sanity bound only: 2 shared CPU cores
 
 

@@ -182,7 +182,13 @@ def run_processor(settings: Settings, *, detector: Any = None, metrics: Processo
     metrics = metrics or ProcessorMetrics(REGISTRY)
     app = create_app(settings, detector=detector, metrics=metrics)
     if serve_metrics:
-        serve(settings.metrics.port, settings.metrics.host)
+        try:
+            serve(settings.metrics.port, settings.metrics.host)
+        except OSError as exc:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"cannot serve /metrics on {settings.metrics.host}:{settings.metrics.port}: {exc}; "
+                              "choose another port with --metrics-port (0 disables)") from None
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()

@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from .app import run_processor
 
     overrides = parse_set_options(args.set)
-    overrides.setdefault("kafka", {})["bootstrap"] = args.bootstrap
-    overrides.setdefault("model", {})["bundle"] = args.bundle
-    overrides.setdefault("metrics", {})["port"] = args.metrics_port
-    overrides.setdefault("processor", {})["group_id"] = args.group_id
+    for section, key, value in (("kafka", "bootstrap", args.bootstrap), ("model", "bundle", args.bundle),
+                                ("metrics", "port", args.metrics_port), ("processor", "group_id", args.group_id)):
+        if value is not None:  # a flag given beats --set, an absent one must not erase it
+            overrides.setdefault(section, {})[key] = value
     if args.log_level:
         overrides["log_level"] = args.log_level
     settings = load_settings(args.config, overrides)
