@@ -1,0 +1,153 @@
+"""Acceptance benchmark: ensemble (cpu profile) vs AE baseline on a synthetic fleet.
+
+    .venv/bin/python bench/model_quality.py OUT_DIR [--types fan pump slider] [--devices 4]
+        [--n-train 24] [--n-test 10] [--seed 1] [--profile cpu] [--set SECTION.KEY=VALUE ...]
+
+1. Writes a DCASE2020-layout synthetic data set with ``stream_asd.audio.synth.write_dataset``:
+   >= 3 machine types x 4 devices; per device ``n_train`` normal training clips, ``n_test``
+   normal and ``n_test`` anomalous test clips (faults bearing, imbalance, rubbing, drift,
+   clogging cycled, severity uniform in [0.3, 1.0]). Test clips are rendered from stream times
+   after the training part, so their noise realisations come from noise-segment seeds that no
+   training clip used; fault choices and severities come from the data set's own generator.
+2. Trains the ensemble (``asd-train fit --profile cpu``) and the AE baseline (``--model ae``) on
+   the training split, evaluates both on the test split (``asd-train evaluate``).
+3. Writes OUT_DIR/results.json and OUT_DIR/results.md (AUC/pAUC per machine type, both models,
+   timings, the exact commands).
+
+Target (issue 3): ensemble mean AUC >= 0.90 and above the AE's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ("bearing", "imbalance", "rubbing", "drift", "clogging")
+
+
+def _run(cmd: list[str], log_path: Path) -> float:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}; see {log_path}")
+    return time.perf_counter() - t0
+
+
+def _cpu_seconds_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--types", nargs="+", default=["fan", "pump", "slider"])
+    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--n-train", type=int, default=24)
+    ap.add_argument("--n-test", type=int, default=10)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=1, help="data set seed (devices and noise)")
+    ap.add_argument("--train-seed", type=int, default=0, help="training seed")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", action="append", default=[], help="profile override for the ensemble")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-ae", action="store_true")
+    args = ap.parse_args(argv)
+
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    py = sys.executable
+    env_threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    os.environ.update(env_threads)
+    timings: dict[str, float] = {}
+
+    if not (data / "manifest.csv").exists():
+        from stream_asd.audio.synth import write_dataset
+
+        t0 = time.perf_counter()
+        write_dataset(data, args.types, devices_per_type=args.devices, n_train=args.n_train,
+                      n_test_normal=args.n_test, n_test_anomaly=args.n_test, seconds=args.seconds,
+                      seed=args.seed, faults=FAULTS, severity=(0.3, 1.0))
+        timings["synth_s"] = round(time.perf_counter() - t0, 1)
+
+    sets = [f"--set={s}" for s in args.set] + [f"--set=run.threads={args.threads}"]
+    commands = {
+        "fit_ensemble": [py, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(out / "bundle-ensemble"),
+                         "--profile", args.profile, "--model", "ensemble", "--seed", str(args.train_seed),
+                         "--force", "--no-progress", "--report", str(out / "train-ensemble.json"), *sets],
+        "eval_ensemble": [py, "-m", "trainer.cli", "evaluate", "--bundle", str(out / "bundle-ensemble"),
+                          "--data", str(data), "--out", str(out / "report-ensemble"), "--no-progress"],
+        "fit_ae": [py, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(out / "bundle-ae"),
+                   "--profile", args.profile, "--model", "ae", "--seed", str(args.train_seed), "--force",
+                   "--no-progress", "--report", str(out / "train-ae.json"), f"--set=run.threads={args.threads}"],
+        "eval_ae": [py, "-m", "trainer.cli", "evaluate", "--bundle", str(out / "bundle-ae"), "--data", str(data),
+                    "--out", str(out / "report-ae"), "--no-progress"],
+    }
+    cpu: dict[str, float] = {}
+    for name, cmd in commands.items():
+        if args.skip_ae and name.endswith("_ae"):
+            continue
+        before = _cpu_seconds_children()
+        timings[name + "_s"] = round(_run(cmd, out / f"{name}.log"), 1)
+        cpu[name + "_cpu_s"] = round(_cpu_seconds_children() - before, 1)
+
+    ens = json.loads((out / "report-ensemble" / "metrics.json").read_text())
+    ae = None if args.skip_ae else json.loads((out / "report-ae" / "metrics.json").read_text())
+    result = {
+        "data": {"types": args.types, "devices_per_type": args.devices, "n_train": args.n_train,
+                 "n_test_normal": args.n_test, "n_test_anomaly": args.n_test, "seconds": args.seconds,
+                 "seed": args.seed, "faults": list(FAULTS), "severity": [0.3, 1.0]},
+        "profile": args.profile, "overrides": args.set, "train_seed": args.train_seed,
+        "ensemble": _summary(ens), "ae": _summary(ae) if ae else None,
+        "target_met": bool(ens["mean_auc"] >= 0.90 and (ae is None or ens["mean_auc"] > ae["mean_auc"])),
+        "timings_s": timings, "cpu_s": cpu, "threads": args.threads,
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "load_avg_at_end": os.getloadavg()},
+        "commands": {k: " ".join(v).replace(str(ROOT) + "/", "") for k, v in commands.items()},
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0 if result["target_met"] else 1
+
+
+def _summary(m: dict) -> dict:
+    return {"mean_auc": m["mean_auc"], "mean_pauc": m["mean_pauc"], "mean_recall": m["mean_recall"],
+            "mean_far": m["mean_far"],
+            "per_type": {t: {k: v[k] for k in ("auc", "pauc", "min_auc", "min_pauc", "recall", "far")}
+                         for t, v in m["machine_types"].items()}}
+
+
+def _markdown(r: dict) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}"
+
+    lines = ["| machine type | ensemble AUC % | ensemble pAUC % | ensemble min AUC % | AE AUC % | AE pAUC % |",
+             "|---|---|---|---|---|---|"]
+    for t, e in r["ensemble"]["per_type"].items():
+        a = (r["ae"] or {}).get("per_type", {}).get(t, {})
+        lines.append(f"| {t} | {pct(e['auc'])} | {pct(e['pauc'])} | {pct(e['min_auc'])} | {pct(a.get('auc'))} | "
+                     f"{pct(a.get('pauc'))} |")
+    e, a = r["ensemble"], r["ae"] or {}
+    lines.append(f"| **mean** | **{pct(e['mean_auc'])}** | **{pct(e['mean_pauc'])}** | | **{pct(a.get('mean_auc'))}** | "
+                 f"**{pct(a.get('mean_pauc'))}** |")
+    lines += ["", f"Recall at threshold / false-alarm rate: ensemble {pct(e['mean_recall'])} / {pct(e['mean_far'])} %, "
+              f"AE {pct(a.get('mean_recall'))} / {pct(a.get('mean_far'))} %.",
+              f"Target (mean AUC >= 90 % and above the AE): {'met' if r['target_met'] else 'NOT met'}.",
+              f"Timings (s, wall): {r['timings_s']}; CPU seconds: {r['cpu_s']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

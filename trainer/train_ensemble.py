@@ -1,0 +1,133 @@
+"""Train the ensemble end to end and write its bundle (called by ``trainer.fit``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_asd.audio.features import FeatureSpec
+from stream_asd.model.bundle import ModelBundle
+from stream_asd.model.ensemble import EnsembleConfig, EnsembleModel
+from stream_asd.model.networks import (ArcFaceHead, EmbeddingHead, EncoderConfig, FusionConfig, SimSiamConfig,
+                                       SimSiamHead)
+
+from . import ensemble as E
+from .profiles import TrainProfile
+
+log = logging.getLogger("trainer.fit")
+
+
+def feature_spec(profile: TrainProfile) -> FeatureSpec:
+    f = profile.features
+    return FeatureSpec(sample_rate=f.sample_rate, window_seconds=f.window_seconds, n_fft=f.n_fft,
+                       hop_length=f.hop_length, n_mels=f.n_mels)
+
+
+def device_ids(ws, index: torch.Tensor | None = None) -> list[str]:
+    """Device id of each window: ``<machine_type>-<machine_id>`` (Clip.device_id, producer convention)."""
+    labels = ws.labels if index is None else ws.labels[index]
+    return [f"{ws.classes[i][0]}-{ws.classes[i][1]}" for i in labels.tolist()]
+
+
+def build_model(profile: TrainProfile, spec: FeatureSpec) -> EnsembleModel:
+    e = profile.encoder
+    config = EnsembleConfig(encoder=EncoderConfig(width=e.width), time_cnn=E.timecnn_config(profile),
+                            fusion=FusionConfig(map_side=profile.fusion.map_side))
+    return EnsembleModel(spec, config)
+
+
+def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.Generator, seed: int,
+                   progress: bool) -> tuple[ModelBundle, dict[str, Any]]:
+    ws = td.train
+    n_classes = len(ws.classes)
+    spec = feature_spec(profile)
+    model = build_model(profile, spec).to(device)
+    stages: list[dict] = []
+    t = time.perf_counter()
+    bs = max(16, profile.fusion.batch_size)
+    model.frontend.fit_normalisation(ws.waves[i:i + bs].to(device) for i in range(0, len(ws), bs))
+    feats = E.Features(model.frontend, device)
+    stages.append({"name": "normalisation", "seconds": round(time.perf_counter() - t, 2)})
+
+    # (1) + (2): spectrogram model; the SimSiam and auxiliary heads are training-only
+    e = profile.encoder
+    enc = model.encoder
+    simsiam = SimSiamHead(SimSiamConfig(in_features=enc.out_features, proj_dim=e.proj_dim, pred_hidden=e.pred_hidden))
+    emb_head = EmbeddingHead(enc.out_features, e.embedding_dim, hidden=max(e.embedding_dim, 256))
+    arcface = ArcFaceHead(e.embedding_dim, n_classes, s=e.arcface_s, m=e.arcface_m)
+    spec_model = E.SpectrogramModel(enc, simsiam.to(device), emb_head.to(device), arcface.to(device))
+    stages.append(E.pretrain_simsiam(spec_model, feats, ws.waves, ws.labels, profile, gen, progress).to_dict())
+    stages.append(E.finetune_contrastive(spec_model, feats, ws.waves, ws.labels, profile, gen, progress).to_dict())
+
+    # (3): time-domain CNN
+    tcnn = model.time_cnn
+    t_arc = ArcFaceHead(tcnn.out_features, n_classes, s=e.arcface_s, m=e.arcface_m).to(device)
+    stages.append(E.train_timecnn(tcnn, t_arc, ws.waves, ws.labels, profile, device, gen, progress).to_dict())
+
+    # (4): fusion over the frozen encoders (their embeddings are cached once)
+    t = time.perf_counter()
+    model.eval()
+    freq_emb = E.encode_all(lambda w: enc(feats.logmel(w)), ws.waves, bs, device)
+    time_emb = E.encode_all(tcnn, ws.waves, bs, device)
+    encode_s = time.perf_counter() - t
+    f_arc = ArcFaceHead(model.fusion.out_features, n_classes, s=e.arcface_s, m=e.arcface_m).to(device)
+    rep = E.train_fusion(model.fusion, f_arc, freq_emb, time_emb, ws.labels, profile, device, gen, progress)
+    rep.extra["encode_seconds"] = round(encode_s, 2)
+    stages.append(rep.to_dict())
+
+    # (5) + (6): statistics, GMMs, standardisation, thresholds per machine type. Embeddings
+    # come from EnsembleModel.embed, exactly what the runtime detector computes.
+    t = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        fus, bms = [], []
+        for i in range(0, len(ws), bs):
+            out = model.embed(ws.waves[i:i + bs].to(device))
+            fus.append(out.fusion.double().cpu())
+            bms.append(out.band_means.double().cpu())
+    fusion_emb, band_means = torch.cat(fus).numpy(), torch.cat(bms).numpy()
+    groups = fit_groups(ws, td.fit_mask, td.calib_mask, fusion_emb, band_means, profile)
+    stages.append({"name": "scoring", "seconds": round(time.perf_counter() - t, 2),
+                   "groups": {k: g.info for k, g in groups.items()}})
+
+    report = {"model": "ensemble", "profile": profile.to_dict(), "seed": seed, "classes": [list(c) for c in ws.classes],
+              "stages": stages, "n_windows": len(ws)}
+    bundle = model.to("cpu").to_bundle(groups)
+    return bundle, report
+
+
+def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb: np.ndarray,
+               band_means: np.ndarray, profile: TrainProfile) -> dict:
+    """One EnsembleGroup per machine type: GMMs on the fit windows; thresholds on held-out
+    windows when a type has enough of them (else on the fit windows)."""
+    from stream_asd.model.scoring import EnsembleGroup
+
+    sc = profile.scoring
+    types = np.array(ws.machine_types)
+    devs = np.array(device_ids(ws))
+    fit_np, cal_np = fit_mask.numpy(), calib_mask.numpy()
+    groups = {}
+    for mtype in sorted(set(types.tolist())):
+        sel_fit = (types == mtype) & fit_np
+        sel_cal = (types == mtype) & cal_np
+        g = EnsembleGroup.fit(mtype, fusion_emb[sel_fit], band_means[sel_fit], None, devs[sel_fit].tolist(),
+                              weights=(sc.weight_fusion, sc.weight_stats), quantile=sc.threshold_quantile,
+                              min_device_windows=sc.min_device_windows, reg_covar=sc.gmm_reg_covar,
+                              max_iter=sc.gmm_max_iter)
+        if sel_cal.sum() >= 10:
+            g.calibrate(fusion_emb[sel_cal], band_means[sel_cal], devs[sel_cal].tolist(), sc.threshold_quantile,
+                        max(1, int(sc.min_device_windows * sel_cal.sum() / max(1, (types == mtype).sum()))))
+            g.info["thresholds_from"] = "held-out normals"
+        else:
+            g.info["thresholds_from"] = "training normals"
+        g.info.update({"n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
+                       "devices": sorted(set(devs[types == mtype].tolist()))})
+        groups[mtype] = g
+        log.info("group %s: %d fit windows, %d calibration windows, threshold %.3f, %d device thresholds",
+                 mtype, sel_fit.sum(), sel_cal.sum(), g.thresholds.group, len(g.thresholds.per_device))
+    return groups
