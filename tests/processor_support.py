@@ -65,7 +65,7 @@ def fleet(n: int = 12, faulty: tuple[int, ...] = (3, 8), fault_at: int = 8) -> l
 
 
 # -- training data and the tiny bundle ------------------------------------------------------------
-def write_training_set(root: Path, machines: list[Machine], clips_per_device: int = 6, clip_chunks: int = 4) -> Path:
+def write_training_set(root: Path, machines: list[Machine], clips_per_device: int = 8, clip_chunks: int = 4) -> Path:
     """Normal clips in the DCASE2020 layout: ``<type>/train/normal_id_XX_NNNNNNNN.wav``."""
     import soundfile as sf
 
@@ -95,10 +95,12 @@ def build_tiny_bundle(cache_root: Path, machines: list[Machine]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(tmp), "--profile", "tiny",
            "--layout", "dcase2020", "--set", f"features.window_seconds={WINDOW_S}",
-           # With 6 clips per device the statistics GMM (64-d full covariance) overfits: unseen
-           # normal windows score 20-50 std, the fusion GMM -1..2 (faults: 70-800). The tests
-           # score with the fusion model only (a profile override, no code change).
+           # A few clips per device cannot fill full covariances: with the default ridge the
+           # statistics GMM (64-d) scores unseen normal windows at 20-50 std and the fusion GMM
+           # (32-d) up to ~9 (faults: 1e3-1e4). The tests score with a ridged fusion GMM only
+           # (profile overrides, no code change).
            "--set", "scoring.weight_fusion=1.0", "--set", "scoring.weight_stats=0.0",
+           "--set", "scoring.gmm_reg_covar=0.5",
            "--no-progress", "--force"]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -168,8 +170,10 @@ def produce_chunks(bootstrap: str, topic: str, items: list[tuple[bytes | None, b
     p.flush()
 
 
-def read_topic(bootstrap: str, topic: str, *, min_count: int = 0, timeout: float = 60.0, idle: float = 3.0) -> list:
-    """All messages of ``topic`` (from the beginning), waiting for ``min_count`` then ``idle`` quiet."""
+def read_topic(bootstrap: str, topic: str, *, min_count: int = 0, timeout: float = 60.0, idle: float = 3.0,
+               stop_at: int | None = None) -> list:
+    """All messages of ``topic`` (from the beginning), waiting for ``min_count`` then ``idle`` quiet
+    (or returning as soon as ``stop_at`` messages are in)."""
     import uuid
 
     from confluent_kafka import Consumer
@@ -190,6 +194,8 @@ def read_topic(bootstrap: str, topic: str, *, min_count: int = 0, timeout: float
                 continue
             out.append(msg)
             last = time.monotonic()
+            if stop_at is not None and len(out) >= stop_at:
+                break
     finally:
         c.close()
     return out
@@ -242,21 +248,29 @@ def free_port() -> int:
 class Worker:
     """A processor worker subprocess (``stream-asd process`` or the stand-in worker script)."""
 
-    def __init__(self, bootstrap: str, sets: dict[str, Any], log_path: Path, bundle: Path | None = None):
+    def __init__(self, bootstrap: str, sets: dict[str, Any], log_path: Path, bundle: Path | None = None,
+                 faust_cli: bool = False):
         self.metrics_port = free_port()
         sets = dict(sets)
         sets["metrics.port"] = self.metrics_port
         sets["metrics.host"] = "127.0.0.1"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         args: list[str] = []
-        for k, v in sets.items():
-            args += ["--set", f"{k}={v}"]
-        if bundle is not None:
-            cmd = [sys.executable, "-m", "stream_asd.cli", "process", "--bootstrap", bootstrap, "--bundle", str(bundle)]
+        if faust_cli and bundle is not None:
+            # the plain Faust worker: `faust -A stream_asd.processor.app worker`, settings from ASD_*
+            sets.update({"kafka.bootstrap": bootstrap, "model.bundle": bundle})
+            env.update({"ASD_" + k.upper().replace(".", "__"): str(v) for k, v in sets.items()})
+            cmd = [str(Path(sys.executable).parent / "faust"), "-A", "stream_asd.processor.app", "worker", "-l", "info"]
         else:
-            cmd = [sys.executable, str(REPO / "tests" / "processor_worker.py"), "--bootstrap", bootstrap]
+            for k, v in sets.items():
+                args += ["--set", f"{k}={v}"]
+            if bundle is not None:
+                cmd = [sys.executable, "-m", "stream_asd.cli", "process", "--bootstrap", bootstrap,
+                       "--bundle", str(bundle)]
+            else:
+                cmd = [sys.executable, str(REPO / "tests" / "processor_worker.py"), "--bootstrap", bootstrap]
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd + args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def metrics(self) -> dict[str, float]:

@@ -270,8 +270,9 @@ def test_bad_input_goes_to_dlq_and_stream_keeps_scoring(kafka_bootstrap, tmp_pat
                 kind, key, value, headers, reason = bad.pop(0)
                 items.append((key, value, list(headers) + [("x-case", kind.encode())]))
     assert not bad
+    # this worker runs as a plain Faust worker: `faust -A stream_asd.processor.app worker`
     worker = ps.Worker(kafka_bootstrap, worker_sets(n, tmp_path / "w", 1, **{"audio.max_chunk_bytes": 40000}),
-                       tmp_path / "worker.log", bundle)
+                       tmp_path / "worker.log", bundle, faust_cli=True)
     try:
         worker.wait_metrics()
         ps.wait_group_members(kafka_bootstrap, n["group"], 1)
@@ -321,9 +322,9 @@ def test_sigkill_mid_stream_loses_no_window(kafka_bootstrap, tmp_path, bundle):
         ps.wait_group_members(kafka_bootstrap, n["group"], 1)
         for seq in range(n_chunks // 2):
             producer.send([ps.chunk_message(m, seq) for m in machines])
-            producer.p.flush(10)
-            time.sleep(0.1)
-        before = ps.read_topic(kafka_bootstrap, n["scores"], min_count=20, timeout=60, idle=0.5)
+        producer.flush()
+        # kill while the worker is busy: windows scored in the last commit interval are redone
+        before = ps.read_topic(kafka_bootstrap, n["scores"], min_count=12, timeout=60, stop_at=12)
         first.kill()  # SIGKILL: no drain, no final commit
         committed_at_kill = ps.committed_offsets(kafka_bootstrap, n["group"], n["audio"], partitions)
         for seq in range(n_chunks // 2, n_chunks):
@@ -340,7 +341,7 @@ def test_sigkill_mid_stream_loses_no_window(kafka_bootstrap, tmp_path, bundle):
         if second is not None:
             second.kill()
     ends_at_kill = sum(1 for _ in before)
-    assert ends_at_kill >= 20
+    assert ends_at_kill >= 12
     assert_every_chunk_scored(records, machines, n_chunks)
     ids = [r.window_id for r in records]
     assert set(ids) == {f"{m.device_id}:{k * HOP}-{k * HOP + WIN - 1}" for m in machines for k in range(n_windows(n_chunks))}

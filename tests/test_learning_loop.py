@@ -1,0 +1,191 @@
+"""The whole learning loop on the real broker (issue 5 acceptance):
+
+stream a fleet -> processor (model v1 from the registry) scores -> archiver keeps the audio of
+windows judged normal -> `asd-train job --profile tiny` fits on the archive, gates against v1,
+publishes v2 and announces it -> the running processor switches to v2 without a restart, while
+audio keeps flowing, without losing or double-counting a window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import processor_support as ps  # noqa: E402
+
+from stream_asd.wire import ScoreRecord  # noqa: E402
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+WIN, HOP = 4, 2  # chunks (1 s each)
+PHASE1 = 48  # chunks per device before the job runs
+PHASE2 = 100  # chunks per device streamed while the job runs and the model is swapped
+
+
+class RegistryWorker(ps.Worker):
+    """`stream-asd process` with no --bundle: the model comes from model.registry."""
+
+    def __init__(self, bootstrap: str, sets: dict, log_path: Path):
+        self.metrics_port = ps.free_port()
+        sets = dict(sets, **{"metrics.port": self.metrics_port, "metrics.host": "127.0.0.1"})
+        cmd = [sys.executable, "-m", "stream_asd.cli", "process", "--bootstrap", bootstrap,
+               "--metrics-port", str(self.metrics_port), "--group-id", sets["processor.group_id"]]
+        for k, v in sets.items():
+            cmd += ["--set", f"{k}={v}"]
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=ps.REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+
+def archived_chunks(archive: Path, devices: set[str]) -> int:
+    from stream_asd.archive.store import ArchiveStore
+
+    if not archive.exists():
+        return 0
+    store = ArchiveStore(archive)
+    return sum(e["n_chunks"] for p in store.partitions() if p[1] in devices
+               for e in store.read_manifest("/".join(p)))
+
+
+def expected_windows(n_chunks: int) -> list[tuple[int, int]]:
+    return [(s, s + WIN - 1) for s in range(0, n_chunks - WIN + 1, HOP)]
+
+
+def test_stream_archive_retrain_publish_hot_swap(tmp_path, kafka_bootstrap):
+    from stream_asd.kafka import ensure_topics
+    from stream_asd.registry import Registry
+    from trainer.publish import publish_bundle
+
+    u = uuid.uuid4().hex[:8]
+    t = {k: f"loop-{k}-{u}" for k in ("audio", "scores", "alerts", "dlq", "models", "group")}
+    partitions = 2
+    ensure_topics(kafka_bootstrap, {t["audio"]: partitions, t["scores"]: partitions, t["alerts"]: partitions,
+                                    t["dlq"]: partitions, t["models"]: 1})
+    machines = ps.fleet(n=4, faulty=())
+    cache = Path(os.environ.get("STREAM_ASD_TEST_CACHE", Path.home() / ".cache" / "stream-asd-test"))
+    cache.mkdir(parents=True, exist_ok=True)
+    v1_bundle = ps.build_tiny_bundle(cache, machines)  # asd-train fit --profile tiny, 4 s windows
+    registry = tmp_path / "registry"
+    first = publish_bundle(v1_bundle, Registry(registry), "fleet", no_gate=True)
+    assert first.status == "published"
+    v1 = first.version
+
+    # the processor starts from the registry (no --bundle) and follows it
+    sets = {"topics.audio": t["audio"], "topics.scores": t["scores"], "topics.alerts": t["alerts"],
+            "topics.dlq": t["dlq"], "topics.models": t["models"], "topics.partitions": partitions,
+            "processor.group_id": t["group"], "processor.session_timeout_seconds": 6,
+            "processor.datadir": tmp_path / "faust", "audio.chunk_seconds": 1.0, "window.seconds": WIN,
+            "window.hop_seconds": HOP, "batch.max_size": 16, "batch.max_wait_ms": 100,
+            "model.registry": registry, "model.model_group": "fleet", "model.poll_seconds": 5}
+    worker = RegistryWorker(kafka_bootstrap, sets, tmp_path / "processor.log")
+    archive = tmp_path / "archive"
+    env = dict(os.environ, ASD_TOPICS__AUDIO=t["audio"], ASD_TOPICS__SCORES=t["scores"],
+               ASD_TOPICS__MODELS=t["models"], ASD_METRICS__PORT="0", OMP_NUM_THREADS="1")
+    archiver_log = open(tmp_path / "archiver.log", "wb")
+    archiver = subprocess.Popen(
+        [sys.executable, "-m", "stream_asd.cli", "archive", "--bootstrap", kafka_bootstrap, "--to", str(archive),
+         "--group-id", f"arch-{u}", "--segment-seconds", "8", "--flush-idle", "2", "--decision-timeout", "20",
+         # two devices are known healthy (all their audio is kept); the other two go through the
+         # join with asd.scores (only windows v1 judged normal)
+         "--healthy", machines[0].device_id, machines[1].device_id,
+         "--summary", str(tmp_path / "archiver.json")], env=env, stdout=archiver_log, stderr=subprocess.STDOUT)
+    producer_stop = threading.Event()
+    try:
+        worker.wait_metrics(120)
+        pid = worker.proc.pid
+        prod = ps.ChunkProducer(kafka_bootstrap, t["audio"])
+        t0 = time.time_ns() - (PHASE1 + PHASE2) * 10**9
+        prod.send([ps.chunk_message(m, s, capture_ns=t0 + s * 10**9) for s in range(PHASE1) for m in machines])
+        prod.flush()
+        # wait until the archiver has phase 1 of the healthy devices on disk
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            healthy_chunks = archived_chunks(archive, {machines[0].device_id, machines[1].device_id})
+            if healthy_chunks >= 2 * (PHASE1 - 8):
+                break
+            time.sleep(1)
+        assert healthy_chunks >= 2 * (PHASE1 - 8), f"archive has {healthy_chunks} chunks\n{worker.tail()}"
+
+        # phase 2 streams in (about 4 chunks/s per device) while the job trains, gates and publishes
+        def stream_phase2() -> None:
+            p2 = ps.ChunkProducer(kafka_bootstrap, t["audio"])
+            for s in range(PHASE1, PHASE1 + PHASE2):
+                if producer_stop.is_set():
+                    break
+                p2.send([ps.chunk_message(m, s, capture_ns=t0 + s * 10**9) for m in machines])
+                time.sleep(0.25)
+            p2.flush()
+
+        streamer = threading.Thread(target=stream_phase2, daemon=True)
+        streamer.start()
+        result = tmp_path / "job.json"
+        t_job = time.monotonic()
+        job = subprocess.run(
+            [sys.executable, "-m", "trainer.cli", "job", "--archive", str(archive), "--registry", str(registry),
+             "--bootstrap", kafka_bootstrap, "--model-group", "fleet", "--profile", "tiny",
+             "--set", f"features.window_seconds={WIN}", "--set", "run.threads=1", "--result", str(result)],
+            env=env, capture_output=True, text=True, timeout=600)
+        job_s = time.monotonic() - t_job
+        doc = json.loads(result.read_text())
+        assert job.returncode == 0 and doc["status"] == "published", (doc, job.stderr[-3000:])
+        v2 = doc["version"]
+        assert v2 != v1 and doc["announced"] is True
+        published_ns = time.time_ns()
+        streamer.join(120)
+        assert not streamer.is_alive()
+        n_total = PHASE1 + PHASE2
+        want = {(m.device_id, a, b) for m in machines for a, b in expected_windows(n_total)}
+        msgs = ps.read_topic(kafka_bootstrap, t["scores"], min_count=len(want), timeout=180, idle=5)
+        recs = [ScoreRecord.from_json(m.value()) for m in msgs]
+        metrics = worker.metrics()
+        assert worker.proc.poll() is None and worker.proc.pid == pid  # never restarted
+    finally:
+        producer_stop.set()
+        rc = worker.terminate()
+        if archiver.poll() is None:
+            archiver.send_signal(signal.SIGTERM)
+            try:
+                archiver.wait(60)
+            except subprocess.TimeoutExpired:
+                archiver.kill()
+        archiver_log.close()
+
+    # no window lost, none counted twice (no crash here, so no re-scores either)
+    counts = defaultdict(int)
+    for r in recs:
+        counts[(r.device_id, r.first_seq, r.last_seq)] += 1
+    assert set(counts) == want, f"missing {sorted(want - set(counts))[:5]}, extra {sorted(set(counts) - want)[:5]}"
+    assert max(counts.values()) == 1
+    # the switch: per device, v1 windows then v2 windows, each window scored by exactly one model
+    by_device = defaultdict(list)
+    for r in sorted(recs, key=lambda r: r.first_seq):
+        by_device[r.device_id].append(r.model_version)
+    for dev, versions in by_device.items():
+        assert set(versions) <= {v1, v2}
+        first_v2 = versions.index(v2) if v2 in versions else len(versions)
+        assert versions[:first_v2] == [v1] * first_v2 and versions[first_v2:] == [v2] * (len(versions) - first_v2), dev
+    n_v1 = sum(r.model_version == v1 for r in recs)
+    n_v2 = sum(r.model_version == v2 for r in recs)
+    assert n_v1 > 0 and n_v2 > 0
+    first_v2_ns = min(r.scored_at_ns for r in recs if r.model_version == v2)
+    assert ps.metric_sum(metrics, "asd_model_reloads_total", result="ok") >= 1
+    assert ps.metric_sum(metrics, "asd_model_reloads_total", result="failure") == 0
+    assert any(f'version="{v2}"' in k for k in metrics if k.startswith("asd_model_info"))
+    assert rc == 0
+    archived = json.loads((tmp_path / "archiver.json").read_text())
+    print(f"learning loop: {len(recs)} windows scored once each ({n_v1} by v1, {n_v2} by v2); job {job_s:.1f} s "
+          f"(timings {doc['timings_s']}, {doc['data']['segments']} segments, {doc['data']['hours'] * 3600:.0f} s of "
+          f"audio); first v2 score {(first_v2_ns - published_ns) / 1e9:+.1f} s after the job returned; "
+          f"archiver {archived}; gate {json.dumps(doc['gate']['candidate'])} vs {json.dumps(doc['gate']['current'])}")
