@@ -64,7 +64,7 @@ def worker_sets(n: dict[str, str], tmp: Path, partitions: int, **extra) -> dict:
         "topics.dlq": n["dlq"], "topics.partitions": partitions, "processor.group_id": n["group"],
         "processor.session_timeout_seconds": 6, "processor.datadir": tmp,
         "audio.chunk_seconds": ps.CHUNK_S, "window.seconds": ps.WINDOW_S, "window.hop_seconds": ps.HOP_S,
-        "window.idle_evict_seconds": 5, "alerts.k": 2, "alerts.n": 3, "alerts.clear_after": 3,
+        "window.idle_evict_seconds": 5, "alerts.k": 4, "alerts.n": 5, "alerts.clear_after": 3,
         "batch.max_size": 32, "batch.max_wait_ms": 100,
     }
     sets.update(extra)
