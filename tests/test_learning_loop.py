@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import processor_support as ps  # noqa: E402
 
+from datetime import datetime  # noqa: E402
+
+from stream_asd.registry import Registry, announce  # noqa: E402
 from stream_asd.wire import ScoreRecord  # noqa: E402
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -59,13 +63,21 @@ def archived_chunks(archive: Path, devices: set[str]) -> int:
                for e in store.read_manifest("/".join(p)))
 
 
+def wait_for(pred, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise TimeoutError("condition not met in time")
+
+
 def expected_windows(n_chunks: int) -> list[tuple[int, int]]:
     return [(s, s + WIN - 1) for s in range(0, n_chunks - WIN + 1, HOP)]
 
 
 def test_stream_archive_retrain_publish_hot_swap(tmp_path, kafka_bootstrap):
     from stream_asd.kafka import ensure_topics
-    from stream_asd.registry import Registry
     from trainer.publish import publish_bundle
 
     u = uuid.uuid4().hex[:8]
@@ -150,11 +162,25 @@ def test_stream_archive_retrain_publish_hot_swap(tmp_path, kafka_bootstrap):
              "--far-tolerance", "-1"],
             env=env, capture_output=True, text=True, timeout=600)
         job_s = time.monotonic() - t_job
-        producer_stop.set()
         doc = json.loads(result.read_text())
         assert job.returncode == 0 and doc["status"] == "published", (doc, job.stderr[-3000:])
         v2 = doc["version"]
         assert v2 != v1 and doc["announced"] is True
+        wait_for(lambda: any(f'version="{v2}"' in k for k in worker.metrics() if k.startswith("asd_model_info")), 30)
+
+        # a corrupt bundle reaches the registry pointer (bypassing publish): the processor refuses
+        # it and goes on scoring with v2
+        corrupt = tmp_path / "corrupt"
+        shutil.copytree(v1_bundle, corrupt)
+        w = corrupt / "weights.safetensors"
+        raw = bytearray(w.read_bytes())
+        raw[len(raw) // 3] ^= 0xFF
+        w.write_bytes(bytes(raw))
+        reg = Registry(registry)
+        v_bad = reg.put(corrupt, "fleet")
+        announce(kafka_bootstrap, t["models"], reg.announcement("fleet", reg.set_current("fleet", v_bad)))
+        wait_for(lambda: ps.metric_sum(worker.metrics(), "asd_model_reloads_total", result="failure") >= 1, 30)
+        producer_stop.set()
         streamer.join(120)
         assert not streamer.is_alive()
         n_total = produced["n"]
@@ -192,18 +218,21 @@ def test_stream_archive_retrain_publish_hot_swap(tmp_path, kafka_bootstrap):
     n_v1 = sum(r.model_version == v1 for r in recs)
     n_v2 = sum(r.model_version == v2 for r in recs)
     assert n_v1 > 0 and n_v2 > 0
+    # windows scored after the corrupt pointer move: still v2
+    bad_at = [e for e in Registry(registry).history("fleet") if e["version"] == v_bad][0]["at"]
+    bad_ns = int(datetime.fromisoformat(bad_at.replace("Z", "+00:00")).timestamp() * 1e9)
+    after_bad = [r for r in recs if r.scored_at_ns > bad_ns]
+    assert after_bad and all(r.model_version == v2 for r in after_bad)
     first_v2_ns = min(r.scored_at_ns for r in recs if r.model_version == v2)
-    from datetime import datetime
 
-    moved = Registry(registry).current("fleet")
-    assert moved.version == v2
-    moved_ns = int(datetime.fromisoformat(moved.updated_at.replace("Z", "+00:00")).timestamp() * 1e9)
+    moved = [e for e in Registry(registry).history("fleet") if e["version"] == v2][0]
+    moved_ns = int(datetime.fromisoformat(moved["at"].replace("Z", "+00:00")).timestamp() * 1e9)
     assert ps.metric_sum(metrics, "asd_model_reloads_total", result="ok") >= 1
-    assert ps.metric_sum(metrics, "asd_model_reloads_total", result="failure") == 0
+    assert ps.metric_sum(metrics, "asd_model_reloads_total", result="failure") == 1  # the corrupt one
     assert any(f'version="{v2}"' in k for k in metrics if k.startswith("asd_model_info"))
     assert rc == 0
     archived = json.loads((tmp_path / "archiver.json").read_text())
     print(f"learning loop: {len(recs)} windows scored once each ({n_v1} by v1, {n_v2} by v2); job {job_s:.1f} s "
           f"(timings {doc['timings_s']}, {doc['data']['segments']} segments, {doc['data']['hours'] * 3600:.0f} s of "
           f"audio); first v2 score {(first_v2_ns - moved_ns) / 1e9:.2f} s after the pointer moved; "
-          f"archiver {archived}; gate {json.dumps(doc['gate']['candidate'])} vs {json.dumps(doc['gate']['current'])}")
+          f"{len(after_bad)} windows scored by v2 after a corrupt bundle became current; archiver {archived}; gate {json.dumps(doc['gate']['candidate'])} vs {json.dumps(doc['gate']['current'])}")
