@@ -197,9 +197,12 @@ def s3_url(monkeypatch):
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"})
-    fs.mkdir("asd-models")
+    import uuid
+
+    bucket = f"asd-{uuid.uuid4().hex[:10]}"  # moto keeps buckets across servers in one process
+    fs.mkdir(bucket)
     try:
-        yield "s3://asd-models/registry"
+        yield f"s3://{bucket}/registry"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
@@ -218,4 +221,36 @@ def test_registry_on_object_storage(tmp_path, s3_url):
     assert other.rollback("valve").version == v1
     assert reg.current("valve").version == v1
     assert [e["action"] for e in reg.history("valve")] == ["publish", "publish", "rollback"]
-    assert reg.announcement("valve").uri.startswith("s3://asd-models/registry/valve/versions/")
+    assert reg.announcement("valve").uri.startswith(f"{s3_url}/valve/versions/")
+
+
+def test_archive_on_object_storage(tmp_path, s3_url):
+    """Archive segments written to and read back from object storage (same local S3 server)."""
+    import numpy as np
+
+    from stream_asd.archive.reader import iter_archive_clips
+    from stream_asd.archive.store import ArchiveStore
+    from stream_asd.archive.writer import ArchiverOptions, SegmentWriter, _Pending
+    from stream_asd.audio.io import read_audio
+    from stream_asd.wire import ChunkHeader, decode_chunk, encode_chunk
+
+    url = s3_url.replace("/registry", "/archive")
+    written = []
+    writer = SegmentWriter(ArchiveStore(url), ArchiverOptions(segment_seconds=3), written.extend)
+    rng = np.random.default_rng(0)
+    pcm = {}
+    for seq in range(6):
+        pcm[seq] = (rng.standard_normal(16000) * 1000).astype(np.int16)
+        key, value, headers = encode_chunk(ChunkHeader("valve-1", "valve", seq, time.time_ns(), "t"), pcm[seq])
+        writer.add(_Pending(0, seq, decode_chunk(key, value, headers), 0.0), 0.0)
+    writer.flush_all()
+    assert len(written) == 6
+    store = ArchiveStore(url)
+    [(mt, dev, date)] = list(store.partitions())
+    entries = store.read_manifest(f"{mt}/{dev}/{date}")
+    assert [(e["first_seq"], e["last_seq"]) for e in entries] == [(0, 2), (3, 5)]
+    clips = list(iter_archive_clips(url, cache_dir=tmp_path / "cache"))
+    assert len(clips) == 2 and all(str(c.path).startswith(str(tmp_path / "cache")) for c in clips)
+    got = np.concatenate([read_audio(c.path, 16000) for c in clips])
+    want = np.concatenate([pcm[s] for s in range(6)]).astype(np.float32) / 32768.0
+    assert np.allclose(got, want, atol=1e-6)
