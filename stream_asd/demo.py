@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="tiny", choices=["tiny", "cpu"], help="training profile (default tiny)")
     parser.add_argument("--train-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a training profile value (asd-train fit --set)")
+    parser.add_argument("--device-thresholds", action="store_true",
+                        help="let the trainer calibrate per-device thresholds (off: one threshold per machine "
+                             "type; the demo's few held-out windows per device make per-device quantiles noisy)")
     parser.add_argument("--retrain", action="store_true", help="train even when a cached model matches")
     parser.add_argument("--window", type=float, default=None, metavar="S",
                         help="scored window; must equal the model's (default: the model's window)")
@@ -293,6 +296,24 @@ def _port_or_free(port: int) -> int:
             return _free_port()
 
 
+def _training_code_hash() -> str:
+    """Hash of the trainer's and the model's sources (read, not imported: stream_asd never imports
+    trainer), so a cached model is retrained when the training code changes."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256()
+    for pkg in ("trainer", "stream_asd.model"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for folder in spec.submodule_search_locations:
+            for path in sorted(Path(folder).glob("*.py")):
+                h.update(path.name.encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -396,7 +417,9 @@ class Demo:
             # index j*step + j + 1: consecutive picks land on different machine types (round-robin fleet)
             step = a.devices // n if n else 0
             picks = list(dict.fromkeys((j * step + j + 1) % a.devices for j in range(n)))
-            preferred = ["bearing", "imbalance", "rubbing", "clogging", "drift", "click_loss"]
+            # bearing and rubbing add energy; drift, clogging, click_loss only move or remove it and
+            # a small CPU-trained model misses them on some devices (ask for them with --fault).
+            preferred = ["bearing", "rubbing"]
             faults = []
             for j, p in enumerate(picks):
                 allowed = list(getattr(healthy[p].profile, "faults", None) or known_fault_types() or ["bearing"])
@@ -465,14 +488,20 @@ class Demo:
         a = self.args
         bundle = self.workdir / f"model-{a.profile}"
         stamp = self.workdir / f"model-{a.profile}.json"
-        key = {"data": json.loads((data / "dataset.json").read_text()), "profile": a.profile, "set": a.train_set}
+        train_set = list(a.train_set)
+        if not a.device_thresholds:
+            # ~10 held-out windows per device: a 0.99 quantile of them is noise. One threshold per
+            # machine type (from all its devices' held-out windows) until devices have history.
+            train_set.insert(0, "scoring.min_device_windows=1000000")
+        key = {"data": json.loads((data / "dataset.json").read_text()), "profile": a.profile, "set": train_set,
+               "code": _training_code_hash()}
         if not a.retrain and bundle.is_dir() and stamp.exists() and json.loads(stamp.read_text()) == key:
             self.say(f"model cached in {bundle} (--retrain to train again)")
             return bundle
         log_path = self.logs / "train.log"
         cmd = [sys.executable, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(bundle),
                "--profile", a.profile, "--force", "--no-progress"]
-        for s in a.train_set:
+        for s in train_set:
             cmd += ["--set", s]
         self.say(f"training the model ({a.profile} profile): {' '.join(cmd[2:])}; log {log_path}")
         with log_path.open("w") as fh:
@@ -609,7 +638,9 @@ class Demo:
             view.devices[dev].fault = label
         self.agent = ProducerAgent(settings, sources, realtime=True, duration_s=None if a.keep_running else a.duration,
                                    metrics=metrics, start_ns=start_ns, seq_start=seq0, on_chunk=on_chunk,
-                                   producer_id=f"demo-{self.run_id}")
+                                   producer_id=f"demo-{self.run_id}",
+                                   # librdkafka warns while the fresh broker loads its coordinator: expected here
+                                   producer_overrides={"log_level": 3})
 
         def produce():
             try:
@@ -764,5 +795,7 @@ class Demo:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("stream_asd.producer.agent").setLevel(logging.WARNING)
+    # The demo speaks for itself; the parts' INFO logs go to their log files or are dropped.
+    for name in ("stream_asd.producer.agent", "stream_asd.kafka", "stream_asd.broker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return Demo(args).run()

@@ -76,7 +76,7 @@ def test_short_demo_catches_the_injected_faults(kafka_broker, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "stream_asd.cli", "demo", "--bootstrap", kafka_broker.bootstrap,
          "--workdir", str(tmp_path / "work"), "--devices", "16", "--faulty", "2", "--duration", "60",
-         "--fault-at", "20", "--clips-per-device", "3", "--real-devices", "0", "--metrics-port", "0", "--plain",
+         "--fault-at", "20", "--clips-per-device", "4", "--real-devices", "0", "--metrics-port", "0", "--plain",
          "--summary-json", str(summary_path)],
         capture_output=True, text=True, timeout=290, env=env)
     wall = time.monotonic() - t0
