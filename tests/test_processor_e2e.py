@@ -205,6 +205,40 @@ def test_streaming_equals_offline(fleet_run, bundle):
     assert checked >= 4 * n_windows(N_CHUNKS)
 
 
+def test_streaming_equals_stream_asd_score(fleet_run, bundle, tmp_path):
+    """The same through the offline command: `stream-asd score` on WAV files of the samples."""
+    import subprocess
+
+    import soundfile as sf
+
+    from stream_asd.wire import float_to_pcm16
+
+    if bundle is None:
+        pytest.skip("needs a real bundle (stream-asd score loads bundles only)")
+    r = fleet_run
+    picked = [r["machines"][0], r["machines"][3]]  # a healthy fan, a faulty pump
+    for m in picked:
+        (tmp_path / m.machine_type).mkdir(exist_ok=True)
+        sf.write(tmp_path / m.machine_type / f"{m.device_id}.wav", float_to_pcm16(m.signal(0, N_CHUNKS)), ps.SR,
+                 subtype="PCM_16")
+    out = tmp_path / "offline.json"
+    proc = subprocess.run([sys.executable, "-m", "stream_asd.cli", "score", "--bundle", str(bundle), "--hop-seconds",
+                           str(ps.HOP_S), "--format", "json", "--device", "cpu", "--out", str(out), str(tmp_path)],
+                          cwd=ps.REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = {Path(f["file"]).stem: {w["window"]: w for w in f["windows"]} for f in json.loads(out.read_text())["files"]}
+    checked = 0
+    for m in picked:
+        for rec in [x for x in r["records"] if x.device_id == m.device_id]:
+            row = offline[m.device_id][rec.first_seq // HOP]
+            assert row["start_s"] == pytest.approx(rec.first_seq * ps.CHUNK_S)
+            assert rec.score == pytest.approx(row["score"], rel=1e-4, abs=1e-4)
+            assert rec.is_anomaly == row["is_anomaly"]
+            checked += 1
+    assert checked == 2 * n_windows(N_CHUNKS)
+
+
 # ------------------------------------------------------------------------------------------------
 def malformed_cases(m: ps.Machine) -> list[tuple[str, bytes | None, bytes | None, list, str]]:
     """(kind, key, value, headers, expected DLQ reason): 25 kinds of bad chunks."""
