@@ -5,8 +5,9 @@
     the records, offsets are committed to the end.
 (b) >= 20 kinds of malformed chunks mixed into a valid stream: all in the DLQ with the right
     reason and their original bytes; the valid stream is scored completely.
-(c) SIGKILL a worker mid-stream and restart it: no window lost; re-scores carry the same
-    window_id (and the same score).
+(c) two workers, SIGKILL one mid-stream (rebalance to the survivor), restart it while chunks keep
+    coming (second rebalance): no window lost, no crash; re-scores carry the same window_id (and
+    the same score).
 (d) streaming == offline: streamed scores equal the detector on the same samples cut by the
     offline windowing (stream_asd.model.windows.iter_windows).
 
@@ -342,38 +343,51 @@ def test_bad_input_goes_to_dlq_and_stream_keeps_scoring(kafka_bootstrap, tmp_pat
 
 # ------------------------------------------------------------------------------------------------
 def test_sigkill_mid_stream_loses_no_window(kafka_bootstrap, tmp_path, bundle):
+    """Two workers; SIGKILL one mid-stream (its partitions move to the survivor after the session
+    timeout), restart it while chunks keep coming (a second rebalance): no window lost, no crash."""
     n = names("kill")
-    partitions = 2
+    partitions = 4
     create_topics(kafka_bootstrap, n, partitions)
     machines = ps.fleet(6, faulty=())
     n_chunks = 30
-    sets = worker_sets(n, tmp_path / "w", partitions)
+    third = n_chunks // 3
+    sets = lambda name: worker_sets(n, tmp_path / name, partitions)  # noqa: E731
     producer = ps.ChunkProducer(kafka_bootstrap, n["audio"])
-    first = ps.Worker(kafka_bootstrap, sets, tmp_path / "first.log", bundle)
-    second = None
+    victim = ps.Worker(kafka_bootstrap, sets("victim"), tmp_path / "victim.log", bundle)
+    survivor = ps.Worker(kafka_bootstrap, sets("survivor"), tmp_path / "survivor.log", bundle)
+    restarted = None
     try:
-        first.wait_metrics()
-        ps.wait_group_members(kafka_bootstrap, n["group"], 1)
-        for seq in range(n_chunks // 2):
+        victim.wait_metrics()
+        survivor.wait_metrics()
+        ps.wait_group_members(kafka_bootstrap, n["group"], 2)
+        for seq in range(third):
             producer.send([ps.chunk_message(m, seq) for m in machines])
         producer.flush()
-        # kill while the worker is busy: windows scored in the last commit interval are redone
+        # kill while the workers are busy: windows scored in the last commit interval are redone
         before = ps.read_topic(kafka_bootstrap, n["scores"], min_count=12, timeout=60, stop_at=12)
-        first.kill()  # SIGKILL: no drain, no final commit
+        victim.kill()  # SIGKILL: no drain, no final commit
         committed_at_kill = ps.committed_offsets(kafka_bootstrap, n["group"], n["audio"], partitions)
-        for seq in range(n_chunks // 2, n_chunks):
+        for seq in range(third, 2 * third):  # the survivor takes over once the session times out
             producer.send([ps.chunk_message(m, seq) for m in machines])
+            producer.p.flush(10)
+            time.sleep(0.2)
+        restarted = ps.Worker(kafka_bootstrap, sets("restarted"), tmp_path / "restarted.log", bundle)
+        restarted.wait_metrics()
+        for seq in range(2 * third, n_chunks):  # chunks keep coming through the second rebalance
+            producer.send([ps.chunk_message(m, seq) for m in machines])
+            producer.p.flush(10)
+            time.sleep(0.3)
         producer.flush()
-        second = ps.Worker(kafka_bootstrap, sets, tmp_path / "second.log", bundle)
-        second.wait_metrics()
+        ps.wait_group_members(kafka_bootstrap, n["group"], 2)
         ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], partitions, timeout=120)
         records = scores_of(ps.read_topic(kafka_bootstrap, n["scores"], min_count=6 * n_windows(n_chunks),
                                           timeout=60, idle=1))
-        assert second.terminate() == 0
+        codes = [survivor.terminate(), restarted.terminate()]
+        assert codes == [0, 0], (survivor.tail(), restarted.tail())  # alive to the end: no crash loop
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        for w in (victim, survivor, restarted):
+            if w is not None:
+                w.kill()
     ends_at_kill = sum(1 for _ in before)
     assert ends_at_kill >= 12
     assert_every_chunk_scored(records, machines, n_chunks)
