@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         max_total_bytes=int(args.max_total_gb * 1e9) if args.max_total_gb else None,
         retention_interval_s=args.retention_interval, scores_lookback_s=args.scores_lookback,
         max_pending_bytes=int(args.max_pending_mb * (1 << 20)))
-    metrics = ArchiverMetrics()
+    from prometheus_client import REGISTRY
+
+    metrics = ArchiverMetrics(REGISTRY)  # registry=None would register nothing
     serve(settings.metrics.port, settings.metrics.host)
     conf = consumer_conf(settings, args.group_id)
     if args.instance_id:
