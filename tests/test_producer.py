@@ -156,6 +156,15 @@ def test_cli_errors_tell_the_user_what_to_do(tmp_path):
     assert r.returncode == 2 and "not a readable WAV/FLAC" in r.stderr
     r = _cli()
     assert r.returncode == 2 and "nothing to stream" in r.stderr
+    r = _cli("--synthetic", "4", "--fault", "1:click_loss:3")  # device 1 is a pump: no clicks to lose
+    assert r.returncode == 2 and "no such fault for a pump" in r.stderr and "bearing" in r.stderr
+    r = _cli("--synthetic", "4", "--fault", "9:bearing:3")
+    assert r.returncode == 2 and "no such device" in r.stderr and "0..3" in r.stderr
+    try:
+        import sounddevice  # noqa: F401
+    except (ImportError, OSError):
+        r = _cli("--capture", "default")
+        assert r.returncode == 2 and "pip install 'stream-asd[capture]'" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
