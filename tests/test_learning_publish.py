@@ -78,6 +78,21 @@ def test_gate_refuses_worse_corrupt_and_incompatible(bundles, tmp_path):
     print("bad model, archive data only:", bad2.status, bad2.reasons)
 
 
+def test_publish_cli_refusal_exit_codes(bundles, tmp_path, capsys):
+    from trainer.cli import main as asd_train
+
+    reg = str(tmp_path / "reg")
+    assert asd_train(["publish", "--bundle", str(bundles["good"]), "--registry", reg, "--model-group", "fan",
+                      "--no-gate"]) == 0
+    assert asd_train(["publish", "--bundle", str(bundles["corrupt"]), "--registry", reg, "--model-group", "fan",
+                      "--no-gate"]) == 3
+    assert "REFUSED (refused_invalid)" in capsys.readouterr().err
+    assert asd_train(["publish", "--bundle", str(bundles["bad"]), "--registry", reg, "--model-group", "fan",
+                      "--eval-data", str(bundles["good_data"]), "--eval-layout", "dcase2020"]) == 4
+    err = capsys.readouterr().err
+    assert "REFUSED (refused_gate)" in err and "labelled/fan" in err
+
+
 def test_watcher_keeps_the_old_model_scoring(bundles, tmp_path):
     from stream_asd.model.detector import load_detector
     from stream_asd.registry import Registry, RegistryWatcher
