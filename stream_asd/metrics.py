@@ -10,16 +10,21 @@ Each process builds its own :class:`ProducerMetrics` / :class:`ProcessorMetrics`
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def _registry(registry: CollectorRegistry | None) -> CollectorRegistry:
+    # prometheus_client reads registry=None as "do not register": default to the process registry.
+    return REGISTRY if registry is None else registry
+
+
 class ProducerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = registry
+        r = _registry(registry)
         self.chunks_sent = Counter("asd_producer_chunks_total", "Audio chunks handed to the Kafka client",
                                    ["machine_type"], registry=r)
         self.chunks_delivered = Counter("asd_producer_delivered_total",
@@ -36,7 +41,7 @@ class ProducerMetrics:
 
 class ProcessorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = registry
+        r = _registry(registry)
         self.chunks_consumed = Counter("asd_chunks_consumed_total", "Audio chunks read from asd.audio",
                                        ["machine_type"], registry=r)
         self.chunks_duplicate = Counter("asd_chunks_duplicate_total", "Chunks dropped as duplicates (seq seen)",
@@ -97,7 +102,7 @@ class ArchiverMetrics:
     """The archiver's series (added by the learning part; additive to the contract above)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = registry
+        r = _registry(registry)
         self.chunks = Counter("asd_archive_chunks_total", "Audio chunks the archiver decided on, by result "
                               "(kept, dropped_anomalous, dropped_unscored, dropped_not_healthy, duplicate, invalid)",
                               ["result"], registry=r)
