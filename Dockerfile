@@ -34,7 +34,7 @@ RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
     elif [ "$TORCH_VARIANT" != "cuda" ]; then \
         echo "TORCH_VARIANT must be cuda or cpu, not $TORCH_VARIANT" >&2; exit 1; \
     fi \
- && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+ && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["s3"]))' \
     > /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt dumb-init==1.2.5.post1
 COPY stream_asd ./stream_asd
