@@ -1,0 +1,131 @@
+"""End-to-end training on a tiny synthetic set: bundles load, anomalies score higher, Ctrl-C is clean."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import trainer  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from stream_asd.errors import ConfigError
+from trainer.profiles import get_profile
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from stream_asd.audio.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    # 2 types x 2 devices, 2 s clips; anomalies at full severity with energy-changing faults
+    write_dataset(root, ["fan", "pump"], devices_per_type=2, n_train=8, n_test_normal=4, n_test_anomaly=4,
+                  seconds=2.0, seed=11, faults=("rubbing", "bearing"), severity=(1.0, 1.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_data, tmp_path_factory):
+    from trainer.fit import fit
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bundles") / "ens"
+    report = fit(tiny_data, out, profile=get_profile("tiny"), seed=3, progress=False)
+    return out, report
+
+
+def test_fit_tiny_writes_loadable_bundle(tiny_bundle):
+    from stream_asd.model.detector import load_detector
+
+    out, report = tiny_bundle
+    det = load_detector(out, device="cpu")
+    assert det.kind == "ensemble"
+    assert sorted(det.model_groups) == ["fan", "pump"]
+    assert det.feature_spec.n_mels == 64 and det.window_samples == 16000
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["normalisation", "simsiam", "finetune", "timecnn", "fusion", "scoring"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["training"]["profile"]["name"] == "tiny"
+    assert manifest["data_fingerprint"]["n_clips"] == 32
+    # thresholds were calibrated (finite) for every group
+    for g in manifest["model_groups"].values():
+        assert np.isfinite(float(g["thresholds"]["group"]))
+
+
+def test_anomalies_score_higher_than_normals(tiny_bundle, tiny_data):
+    from trainer.evaluate import compute_metrics, score_dataset
+
+    out, _ = tiny_bundle
+    clips = score_dataset(out, tiny_data, progress=False)
+    assert len(clips) == 2 * 2 * 8
+    normals = np.array([c.score for c in clips if c.label == 0])
+    anomalies = np.array([c.score for c in clips if c.label == 1])
+    assert anomalies.mean() > normals.mean()
+    m = compute_metrics(clips)
+    assert m["mean_auc"] >= 0.75, m["mean_auc"]
+
+
+def test_fit_is_deterministic_by_seed(tiny_data, tmp_path):
+    from trainer.fit import fit
+
+    torch.set_num_threads(1)
+    prof = get_profile("tiny", ["run.max_steps=2", "fusion.epochs=1", "timecnn.epochs=1"])
+    a = fit(tiny_data, tmp_path / "a", profile=prof, seed=5, progress=False)
+    b = fit(tiny_data, tmp_path / "b", profile=prof, seed=5, progress=False)
+    c = fit(tiny_data, tmp_path / "c", profile=prof, seed=6, progress=False)
+    la = [s.get("losses") for s in a["stages"]]
+    assert la == [s.get("losses") for s in b["stages"]]
+    assert la != [s.get("losses") for s in c["stages"]]
+    ga = json.loads((tmp_path / "a" / "manifest.json").read_text())["model_groups"]
+    gb = json.loads((tmp_path / "b" / "manifest.json").read_text())["model_groups"]
+    assert ga == gb
+
+
+def test_ctrl_c_leaves_no_partial_bundle(tiny_data, tmp_path, monkeypatch):
+    import trainer.ensemble as E
+    from trainer.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "train_timecnn", interrupted)
+    out = tmp_path / "bundles" / "b1"
+    rc = main(["fit", "--data", str(tiny_data), "--out", str(out), "--profile", "tiny", "--no-progress",
+               "--set", "run.max_steps=1"])
+    assert rc == 130
+    assert not out.exists()
+    parent = tmp_path / "bundles"
+    assert not parent.exists() or not any(parent.iterdir())  # no temporary folder either
+
+
+def test_ae_baseline_bundle(tiny_data, tmp_path):
+    from stream_asd.model.detector import load_detector
+    from trainer.evaluate import compute_metrics, score_dataset
+    from trainer.fit import fit
+
+    torch.set_num_threads(1)
+    fit(tiny_data, tmp_path / "ae", profile=get_profile("tiny"), model="ae", seed=1, progress=False)
+    det = load_detector(tmp_path / "ae", device="cpu")
+    assert det.kind == "ae"
+    m = compute_metrics(score_dataset(tmp_path / "ae", tiny_data, progress=False))
+    assert 0.0 <= m["mean_auc"] <= 1.0
+
+
+def test_existing_output_is_refused(tiny_bundle, tiny_data):
+    from stream_asd.errors import AsdError
+    from trainer.fit import fit
+
+    out, _ = tiny_bundle
+    with pytest.raises(AsdError, match="exists"):
+        fit(tiny_data, out, profile=get_profile("tiny"), progress=False)
+
+
+def test_profile_overrides():
+    p = get_profile("cpu", ["simsiam.epochs=7", "augment.pitch_steps=-2,2", "features.window_seconds=1.5"])
+    assert p.simsiam.epochs == 7 and p.augment.pitch_steps == (-2.0, 2.0) and p.features.window_seconds == 1.5
+    assert get_profile("paper").features.n_mels == 224 and get_profile("paper").timecnn.epochs == 200
+    with pytest.raises(ConfigError):
+        get_profile("cpu", ["simsiam.nope=1"])
+    with pytest.raises(ConfigError):
+        get_profile("cpu", ["simsiam.epochs=many"])
