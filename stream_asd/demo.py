@@ -396,7 +396,9 @@ class Demo:
         from .kafka import admin_conf, ensure_topics
 
         t = settings.topics
-        ensure_topics(admin_conf(settings), {t.audio: t.partitions, t.scores: 1, t.alerts: 1, t.dlq: 1, t.models: 1})
+        # The processor keys scores/alerts/DLQ by device like the audio: same partition count.
+        ensure_topics(admin_conf(settings), {t.audio: t.partitions, t.scores: t.partitions, t.alerts: t.partitions,
+                                             t.dlq: t.partitions, t.models: 1})
 
     def fleet_plan(self, sample_rate: int):
         """The synthetic fleet, its faults, and the real-clip devices."""
