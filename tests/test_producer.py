@@ -327,3 +327,29 @@ def test_unknown_topic_is_a_clear_error(kafka_broker, tmp_path):
     r = _cli("--bootstrap", kafka_broker.bootstrap, "--topic", f"missing.{uuid.uuid4().hex[:8]}",
              "--fast", "--metrics-port", "0", str(tmp_path / "a.wav"))
     assert r.returncode == 2 and "is not available" in r.stderr and "--create-topic" in r.stderr
+
+
+@pytest.mark.kafka
+def test_realtime_pacing_sends_each_chunk_after_its_capture_ends(kafka_broker, make_topic, tmp_path):
+    from stream_asd.producer.agent import ProducerAgent
+
+    topic = make_topic(partitions=3)
+    for dev in range(4):
+        _write_pcm(tmp_path / "fan" / "train" / f"normal_id_{dev:02d}_00000000.wav", 2 * N, dev)
+    sent = []  # (device, seq, capture_ns, wall ns at hand-over)
+    agent = ProducerAgent(_settings(kafka_broker.bootstrap, topic), sources_from_paths([tmp_path], SR, loop=True),
+                          realtime=True, duration_s=3,
+                          on_chunk=lambda src, h: sent.append((src.device_id, h.seq, h.capture_ns, time.time_ns())))
+    t0 = time.monotonic()
+    report = agent.run()
+    elapsed = time.monotonic() - t0
+    assert report.ok and report.delivered == 12
+    assert 3.0 <= elapsed < 8.0, elapsed
+    late_ok = 1_500_000_000  # a loaded CI machine may lag; never early
+    for dev, seq, capture_ns, wall_ns in sent:
+        assert wall_ns >= capture_ns + 1_000_000_000 - 5_000_000, f"{dev} seq {seq} sent before it was captured"
+        assert wall_ns - (capture_ns + 1_000_000_000) < late_ok
+    # devices are phased over the chunk period: their first captures differ by ~1/4 s
+    firsts = sorted(c for d, s, c, w in sent if s == min(x[1] for x in sent if x[0] == d))
+    gaps = np.diff(firsts) / 1e9
+    assert np.allclose(gaps, 0.25, atol=0.01), gaps
