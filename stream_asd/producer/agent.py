@@ -221,8 +221,9 @@ class ProducerAgent:
             try:
                 md = producer.list_topics(self.topic, timeout=15)
             except KafkaException as exc:
-                raise ProducerError(f"cannot reach Kafka at {self.conf.get('bootstrap.servers')}: {exc} "
-                                    f"{errors[:2]}; start a local broker with `stream-asd broker start` "
+                seen = f" ({'; '.join(errors[:2])})" if errors else ""
+                raise ProducerError(f"cannot reach Kafka at {self.conf.get('bootstrap.servers')}: {exc}{seen}; "
+                                    "start a local broker with `stream-asd broker start` "
                                     "or pass --bootstrap HOST:PORT") from None
             tmd = md.topics.get(self.topic)
             if tmd is None or tmd.error is not None:

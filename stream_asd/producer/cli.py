@@ -132,7 +132,11 @@ def run(args: argparse.Namespace) -> int:
     if args.create_topic:
         ensure_topic(settings, settings.topics.audio)
     metrics = ProducerMetrics()
-    server = serve(settings.metrics.port, settings.metrics.host)
+    try:
+        server = serve(settings.metrics.port, settings.metrics.host)
+    except OSError as exc:
+        raise AsdError(f"cannot serve metrics on port {settings.metrics.port} ({exc.strerror}); "
+                       "pass --metrics-port N (0 turns metrics off)") from None
     if server is not None:
         log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.server_port)
     agent = ProducerAgent(settings, sources, realtime=args.realtime, duration_s=args.duration,
