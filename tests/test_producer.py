@@ -103,8 +103,19 @@ def test_device_ids_from_dataset_layouts(tmp_path):
     assert describe("d/pump/test/anomaly_id_04_00000001.wav") == ("pump-id_04", "pump", "anomaly")
     assert describe("d/valve/source_test/section_01_source_test_anomaly_0003_x.wav") == \
         ("valve-section_01", "valve", "anomaly")
-    assert describe("m/-6dB/slider/id_06/abnormal/00000012.wav") == ("slider-id_06", "slider", "abnormal")
+    assert describe("m/-6dB/slider/id_06/abnormal/00000012.wav") == ("slider-id_06", "slider", "anomaly")
     assert describe("rec/line7/compressor-12.flac") == ("compressor-12", "line7", None)
+
+
+def test_folder_sources_use_the_dataset_readers_and_skip_nothing(tmp_path):
+    _write_pcm(tmp_path / "ds" / "valve" / "train" / "section_02_source_train_normal_0001_a.wav", 100, 1)
+    _write_pcm(tmp_path / "ds" / "valve" / "train" / "section_02_source_train_normal_0002_a.wav", 100, 2)
+    _write_pcm(tmp_path / "ds" / "-6_dB_fan" / "fan" / "id_04" / "abnormal" / "00000001.wav", 100, 3)
+    _write_pcm(tmp_path / "ds" / "misc" / "line7-compressor.flac", 100, 4, fmt="FLAC")
+    ids = {s.device_id: (s.machine_type, len(s.paths)) for s in sources_from_paths([tmp_path / "ds"], SR)}
+    assert ids == {"valve-section_02": ("valve", 2), "fan-id_04": ("fan", 1), "line7-compressor": ("misc", 1)}
+    # a split folder as the root: the type comes from the folder above it
+    assert [s.device_id for s in sources_from_paths([tmp_path / "ds" / "valve" / "train"], SR)] == ["valve-section_02"]
 
 
 def test_manifest_and_label_filter(tmp_path):

@@ -179,9 +179,36 @@ def describe_clip(path: Path) -> ClipInfo:
             return ClipInfo(path, f"{machine_type}-{m.group('mid').lower()}", machine_type, m.group("label").lower())
     for parent in parents[:2]:
         if _RE_ID_DIR.match(parent.name):  # MIMII: id dir then label dir
-            label = path.parent.name.lower() if path.parent.name.lower() in ("normal", "abnormal") else None
+            label = {"normal": "normal", "abnormal": "anomaly"}.get(path.parent.name.lower())
             return ClipInfo(path, f"{machine_type}-{parent.name.lower()}", machine_type, label)
     return ClipInfo(path, stem, machine_type, None)
+
+
+def _clips_in_folder(folder: Path) -> list[ClipInfo]:
+    """Every audio file below ``folder``: described by the data set readers
+    (:func:`stream_asd.audio.datasets.iter_clips`: MIMII, DCASE2020/2021+, a manifest.csv in the
+    folder) where they recognise it, by :func:`describe_clip` otherwise. No file is skipped: a
+    producer that silently left out recordings would be worse than one with a plain device id."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise SourceError(f"folder {folder} holds no .wav or .flac files")
+    known: dict[Path, object] = {}
+    try:
+        from ..audio.datasets import iter_clips
+
+        known = {Path(c.path).resolve(): c for c in iter_clips(folder)}
+    except (AsdError, ImportError, OSError, ValueError):
+        pass  # not a data set layout: names from the paths
+    out = []
+    for f in files:
+        c = known.get(f.resolve())
+        # A root that is itself a split folder (fan/train) makes the readers call the type "train".
+        if c is not None and c.machine_type and c.machine_type.lower() not in _LAYOUT_DIRS:
+            out.append(ClipInfo(f, c.device_id, c.machine_type, c.label))
+        else:
+            out.append(describe_clip(f))
+    return out
 
 
 def _read_manifest(csv_path: Path) -> list[ClipInfo]:
@@ -234,10 +261,7 @@ def collect_clips(paths: Sequence[str | Path], label: str | None = None) -> list
             raise SourceError(f"no such file or folder: {path}; give WAV/FLAC files, folders of them, "
                               "or a manifest CSV (or --synthetic N for a generated fleet)")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-            if not found:
-                raise SourceError(f"folder {path} holds no .wav or .flac files")
-            clips += [describe_clip(p) for p in found]
+            clips += _clips_in_folder(path)
         elif path.suffix.lower() == ".csv":
             clips += _read_manifest(path)
         else:
