@@ -74,7 +74,7 @@ class ProcessorMetrics:
         self.model_info = Info("asd_model", "Model bundle in use", registry=r)
         self.model_loaded_at = Gauge("asd_model_loaded_timestamp_seconds", "When the model in use was loaded",
                                      registry=r)
-        self.model_reloads = Counter("asd_model_reloads_total", "Model reload attempts by result",
+        self.model_reloads = Counter("asd_model_reloads_total", "Model reload attempts by result: ok (swapped in), failure (could not be loaded or verified), rejected (loaded but does not fit this processor)",
                                      ["result"], registry=r)
         # Offset accounting (processor/offsets.py).
         self.chunks_head = Counter("asd_chunks_head_total",

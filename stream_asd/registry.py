@@ -772,7 +772,7 @@ class RegistryWatcher:
             self.running_version = loaded.version
             self.running_detector = loaded.detector
         if self.metrics is not None and self.report_swaps:
-            self.metrics.model_reloads.labels(result="success").inc()
+            self.metrics.model_reloads.labels(result="ok").inc()
             self.metrics.model_info.info({"version": loaded.version, "model_group": loaded.model_group,
                                           "sha256": loaded.sha256})
             self.metrics.model_loaded_at.set(time.time())

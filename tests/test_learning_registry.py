@@ -156,7 +156,7 @@ def test_watcher_polls_swaps_and_keeps_old_model_on_bad_bundles(tmp_path):
         reg.set_current("fan", v2)
         assert _wait(lambda: w.running_version == v2)
         assert [s.version for s in swaps] == [v1, v2]
-        assert metrics.model_reloads.labels(result="success")._value.get() == 2
+        assert metrics.model_reloads.labels(result="ok")._value.get() == 2
         # a copy damaged after publishing is refused by checksum
         v3 = reg.put(make_fake_bundle(tmp_path / "b3", weights=b"w3"), "fan")
         (tmp_path / "reg" / "fan" / "versions" / v3 / "sub" / "gmm.json").write_text('{"evil": 1}')
