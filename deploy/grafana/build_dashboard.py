@@ -199,7 +199,7 @@ def rows() -> list[tuple[str, list[dict]]]:
               [target(f"max by (pod, version, device, machine_types) (asd_model_info{{{NS}}})", instant=True,
                       fmt="table")],
               w=12, options={"showHeader": True, "cellHeight": "sm"}),
-        timeseries("Model reloads by result", "Hot reloads: ok/success, rejected (does not fit the processor), "
+        timeseries("Model reloads by result", "Hot reloads: ok, rejected (does not fit the processor), "
                    "failure (bundle does not load); a failed reload keeps the previous model.",
                    [target(f"sum by (result) (increase(asd_model_reloads_total{{{NS}}}[{RI}]))", "{{result}}")], w=12),
         timeseries("Archiver: chunks by decision / s", "What the archiver keeps for retraining and why it drops "
