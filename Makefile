@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torch on few shared cores: OpenMP threads must not busy-wait (see tests/conftest.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-fast venv broker-jars ops-tools lint clean
 
