@@ -30,8 +30,10 @@ def tiny_ensemble_bundle(groups=("fan", "pump"), n_train: int = 40, seed: int = 
         with torch.no_grad():
             e = model.embed(torch.from_numpy(w))
         devices = ["dev-a"] * (n_train // 2) + ["dev-b"] * (n_train - n_train // 2)
+        # the first group also exercises the options: log statistics and per-device GMM pairs
+        extra = dict(stats_log=True, per_device_min_windows=n_train // 2) if i == 0 else {}
         fitted[name] = EnsembleGroup.fit(name, e.fusion, e.band_means, device_ids=devices, reg_covar=1e-2,
-                                         min_device_windows=n_train // 2)
+                                         min_device_windows=n_train // 2, **extra)
     bundle = model.to_bundle(fitted, version="test-1", metrics={"auc": {"fan": 0.9}},
                              data_fingerprint={"sha256": "0" * 64, "n_clips": n_train * len(groups)})
     return model, fitted, bundle

@@ -27,6 +27,12 @@ def built(tmp_path_factory):
     return model, groups, bundle, path
 
 
+def _embed(model, w):
+    with torch.no_grad():
+        e = model.embed(torch.from_numpy(w))
+    return e.fusion, e.band_means
+
+
 def copy_bundle(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():
@@ -72,6 +78,8 @@ def test_manifest_content(built):
     assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in m["files"].values())
     g = m["model_groups"]["fan"]
     assert g["weights"] == [0.9, 0.1] and "dev-a" in g["thresholds"]["per_device"]
+    assert g["stats_log"] is True and set(g["devices"]) == {"dev-a", "dev-b"}
+    assert m["model_groups"]["pump"]["devices"] == {} and m["model_groups"]["pump"]["stats_log"] is False
     assert re.match(r"\d{4}-\d\d-\d\dT", m["created_at"])
 
 
@@ -85,15 +93,23 @@ def test_detector_scores_equal_in_memory_model(built):
     devs = ["dev-a", "dev-b", "zz", "dev-a", "dev-b", "zz"]
     out = det.score_windows(w, types, devs)
     assert len(out) == 6 and all(isinstance(o, WindowScore) for o in out)
-    with torch.no_grad():
-        e = model.embed(torch.from_numpy(w))
+    # the loaded networks compute the in-memory model's embeddings (to float32 rounding: the
+    # detector runs the encoder channels-last)
+    fus, bms = _embed(model, w)
+    det_fus, det_bms = det.embed(w)
+    assert np.allclose(det_fus, fus.double().numpy(), rtol=1e-4, atol=1e-5 * float(fus.abs().max()))
+    assert np.allclose(det_bms, bms.double().numpy(), rtol=1e-6)
+    # the scores are the groups' scores of those embeddings, with the right (device) GMM pair
+    assert set(groups["fan"].device_scorers) == {"dev-a", "dev-b"}
     for i, t in enumerate(types):
-        ref = groups[t].scores(e.fusion[i:i + 1], e.band_means[i:i + 1])
-        # float32 rounding differs (batch size, channels-last kernels); the GMM amplifies it
-        assert out[i].score == pytest.approx(float(ref["ensemble"][0]), rel=2e-3, abs=1e-3)
-        assert out[i].scores["fusion"] == pytest.approx(float(ref["fusion"][0]), rel=2e-3, abs=1e-3)
+        ref = groups[t].scores(det_fus[i:i + 1], det_bms[i:i + 1], [devs[i]])
+        assert out[i].score == pytest.approx(float(ref["ensemble"][0]), rel=1e-9)
+        assert out[i].scores == pytest.approx({"fusion": float(ref["fusion"][0]), "stats": float(ref["stats"][0])})
         assert out[i].threshold == groups[t].thresholds.for_device(devs[i])
         assert out[i].is_anomaly == (out[i].score > out[i].threshold)
+    # fan's dev-a window used dev-a's own pair (differs from the group pair); 'zz' the group pair
+    group_pair = groups["fan"].scores(det_fus[:3], det_bms[:3])["ensemble"]
+    assert abs(out[0].score - group_pair[0]) > 1e-3 and out[2].score == pytest.approx(group_pair[2], rel=1e-9)
     # pump was fitted on a 500 Hz tone: 3 kHz windows are far out for its statistics model,
     # while fan windows at fan's training tone (300 Hz) are not
     assert min(o.scores["stats"] for o in out[3:]) > 10 + max(o.scores["stats"] for o in out[:3])

@@ -121,3 +121,52 @@ def test_calibrate_on_held_out_normals_restandardises():
     assert math.isclose(g.thresholds.group, float(np.quantile(z["ensemble"], 0.9)))
     # ranking is unchanged by the restandardisation (affine per model)
     assert np.array_equal(np.argsort(z["fusion"]), np.argsort(g.fusion.nll(emb[30:])))
+
+
+def test_stats_log_option_uses_db_features():
+    rng = np.random.default_rng(9)
+    emb = rng.standard_normal((200, 4))
+    bm = np.exp(rng.standard_normal((200, 6))) * np.logspace(0, 8, 6)  # log-normal power
+    g = EnsembleGroup.fit("fan", emb, bm, stats_log=True)
+    assert np.allclose(g.stats_features(bm[:3]), np.log10(bm[:3] * g.stats_lambda + 1e-12))
+    meta, arrays = g.to_parts("g0")
+    assert meta["stats_log"] is True
+    h = EnsembleGroup.from_parts("fan", meta, arrays)
+    assert h.stats_log and np.array_equal(h.scores(emb, bm)["stats"], g.scores(emb, bm)["stats"])
+    # old manifests without the key load as linear statistics
+    meta.pop("stats_log")
+    assert EnsembleGroup.from_parts("fan", meta, arrays).stats_log is False
+
+
+def test_per_device_scorers():
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((120, 5))
+    b = rng.standard_normal((120, 5)) * 0.2 + 3.0  # device b sounds different from device a
+    emb = np.concatenate([a, b])
+    bm = np.abs(rng.standard_normal((240, 6))) + 1.0
+    ids = ["t-a"] * 120 + ["t-b"] * 120
+    g = EnsembleGroup.fit("t", emb, bm, device_ids=ids, per_device_min_windows=100)
+    assert set(g.device_scorers) == {"t-a", "t-b"}
+    # a window typical of a but placed at b's centre scale: own pair flags it, group pair not as much
+    odd = np.full((1, 5), 1.5)
+    own = g.scores(odd, bm[:1], ["t-b"])["fusion"][0]
+    grp = g.scores(odd, bm[:1], None)["fusion"][0]
+    assert own > 10 and own > grp
+    # per-device rows are standardised by their own pair: mean 0 on their training windows
+    z = g.scores(emb, bm, ids)
+    assert abs(z["fusion"][120:].mean()) < 1e-9 and abs(z["fusion"][:120].std() - 1) < 1e-9
+    # unknown device -> group pair
+    assert np.array_equal(g.scores(emb[:5], bm[:5], ["x"] * 5)["ensemble"], g.scores(emb[:5], bm[:5])["ensemble"])
+    # held-out calibration restandardises each device pair on its own windows
+    cal = np.concatenate([rng.standard_normal((30, 5)), rng.standard_normal((30, 5)) * 0.2 + 3.0])
+    g.calibrate(cal, bm[:60], ["t-a"] * 30 + ["t-b"] * 30, quantile=0.9, min_device_windows=30)
+    zc = g.scores(cal, bm[:60], ["t-a"] * 30 + ["t-b"] * 30)["fusion"]
+    assert abs(zc[:30].mean()) < 1e-9 and abs(zc[30:].std() - 1) < 1e-9
+    assert set(g.thresholds.per_device) == {"t-a", "t-b"}
+    meta, arrays = g.to_parts("g3")
+    assert set(meta["devices"]) == {"t-a", "t-b"} and "g3.dev1.fusion.means" in arrays
+    h = EnsembleGroup.from_parts("t", meta, arrays)
+    assert np.array_equal(h.scores(cal, bm[:60], ["t-a"] * 30 + ["t-b"] * 30)["ensemble"],
+                          g.scores(cal, bm[:60], ["t-a"] * 30 + ["t-b"] * 30)["ensemble"])
+    with pytest.raises(ValueError):
+        EnsembleGroup.fit("t", emb, bm, per_device_min_windows=10)

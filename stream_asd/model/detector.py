@@ -133,7 +133,7 @@ class Detector(_BaseDetector):
         for name in sorted(set(machine_types)):
             idx = np.nonzero(types == name)[0]
             g = self.groups[name]
-            s = g.scores(fusion[idx], band_means[idx])
+            s = g.scores(fusion[idx], band_means[idx], [str(device_ids[i]) for i in idx])
             for j, i in enumerate(idx):
                 thr = g.thresholds.for_device(device_ids[i])
                 score = float(s["ensemble"][j])
