@@ -56,12 +56,12 @@ def test_score_cli_csv_on_real_wav(bundle_path, tmp_path, capsys):
     assert len(rows) == len(starts) == 21
     assert [float(r["start_s"]) for r in rows] == [s / 16000 for s in starts]
     assert {r["machine_type"] for r in rows} == {"ToyCar"}  # inferred from the folder name
-    assert {r["device_id"] for r in rows} == {"id_01"}      # inferred from the file name
+    assert {r["device_id"] for r in rows} == {"ToyCar-id_01"}  # type + id from the file name
     # scores equal the detector's on the same samples, scored one by one (streaming == offline)
     det = load_detector(bundle_path, device="cpu")
     for r in rows[::5]:
         i = int(r["window"])
-        ref = det.score_windows(samples[None, starts[i]:starts[i] + 16000], ["ToyCar"], ["id_01"])[0]
+        ref = det.score_windows(samples[None, starts[i]:starts[i] + 16000], ["ToyCar"], ["ToyCar-id_01"])[0]
         # float32 conv results differ in the last bits between batch sizes; the GMM of this tiny
         # untrained model (40 windows, far out-of-distribution real audio) amplifies that to ~1e-4
         assert float(r["score"]) == pytest.approx(ref.score, rel=2e-3, abs=1e-3)
@@ -90,7 +90,7 @@ def test_score_cli_json_folder_and_short_file(bundle_path, tmp_path, capsys):
                           "normal_id_07_short.wav"}
     assert files["normal_id_01_00000000.wav"]["n_windows"] == 11
     s = files["normal_id_07_short.wav"]
-    assert s["n_windows"] == 1 and s["windows"][0]["padded"] is True and s["device_id"] == "id_07"
+    assert s["n_windows"] == 1 and s["windows"][0]["padded"] is True and s["device_id"] == "ToyCar-id_07"
     assert math.isclose(s["duration_s"], 0.25)
     for f in doc["files"]:
         assert f["max_score"] == max(w["score"] for w in f["windows"])

@@ -10,8 +10,9 @@ is_anomaly) plus each file's maximum. Folders are searched recursively for .wav/
 
 Machine type of a file (= model group): ``--machine-type``, else the bundle's only group, else a
 folder name or file-name token equal to a group (DCASE layout ``<type>/test/x.wav``).
-Device id (selects a per-device threshold): ``--device-id``, else ``id_XX`` / ``section_XX`` in
-the file name, else the file's stem.
+Device id (selects per-device GMMs and thresholds): ``--device-id``, else
+``<machine_type>-<id_XX|section_XX>`` from the file name (the trainer's convention), else the
+file's stem.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def infer_machine_type(path: Path, groups: Sequence[str]) -> str | None:
     return None
 
 
-def infer_device_id(path: Path) -> str:
+def infer_device_id(path: Path, machine_type: str) -> str:
+    """``<machine_type>-<id_XX|section_XX>`` (the data set readers' ``Clip.device_id``, which the
+    trainer keys per-device GMMs and thresholds with), else the file's stem."""
     m = _DEVICE_RE.search(path.name)
-    return m.group(1) if m else path.stem
+    return f"{machine_type}-{m.group(1)}" if m else path.stem
 
 
 def score_files(detector: Any, files: Sequence[Path], hop_samples: int, *, machine_type: str | None = None,
@@ -97,7 +100,7 @@ def score_files(detector: Any, files: Sequence[Path], hop_samples: int, *, machi
         if mtype is None:
             raise AsdError(f"{path}: cannot tell its machine type (bundle groups: {groups}); "
                            "pass --machine-type or use the <machine_type>/... folder layout")
-        dev = device_id or infer_device_id(path)
+        dev = device_id or infer_device_id(path, mtype)
         samples = read_audio(path, sample_rate=spec.sample_rate, channel=channel)
         windows = list(iter_windows(samples, detector.window_samples, hop_samples))
         rows = []
