@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             row["samples_per_second"] = round(samples / st["seconds"], 1) if samples and st["seconds"] else None
             full = {"simsiam": base.simsiam.epochs, "finetune": base.finetune.epochs,
                     "timecnn": base.timecnn.epochs, "fusion": base.fusion.epochs}.get(st["name"])
-            if full and st.get("seconds_per_epoch"):
+            if full and st.get("seconds_per_epoch") and not args.max_steps:
                 row["projected_seconds_full_paper_epochs"] = round(full * st["seconds_per_epoch"], 1)
         stages.append(row)
     result.update({"n_windows": n_windows, "window_seconds": profile.features.window_seconds,

@@ -148,9 +148,13 @@ class Features:
         return (x_db - fe.norm_mean[None, :, :, None]) / fe.norm_std[None, :, :, None]
 
 
-def augment_waves(waves: torch.Tensor, aug: SignalAugment, gen: torch.Generator) -> torch.Tensor:
-    """Signal augmentation on CPU (random draws from ``gen``), one waveform at a time."""
-    return torch.stack([aug(w, gen) for w in waves.cpu()])
+def augment_waves(waves: torch.Tensor, aug: SignalAugment, gen: torch.Generator,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Signal augmentation on the training device, one waveform at a time; every random draw
+    comes from the CPU generator ``gen`` (so CPU and GPU runs draw the same numbers)."""
+    if device is not None:
+        waves = waves.to(device)
+    return torch.stack([aug(w, gen) for w in waves])
 
 
 def signal_augment_from(profile: TrainProfile) -> SignalAugment:
@@ -219,8 +223,8 @@ def pretrain_simsiam(model: SpectrogramModel, feats: Features, waves: torch.Tens
 
     def step(idx: torch.Tensor) -> float:
         w = waves[idx]
-        x1 = feats.logmel(augment_waves(w, aug, gen))
-        x2 = feats.logmel(augment_waves(w, aug, gen))
+        x1 = feats.logmel(augment_waves(w, aug, gen, feats.device))
+        x2 = feats.logmel(augment_waves(w, aug, gen, feats.device))
         target = F.one_hot(labels[idx], n_classes).float().to(feats.device)
         if torch.rand((), generator=gen).item() < cfg.p_mixup:
             # crop-splice + mixup (sec. 2.3) with a shuffled partner; both views get the same mix
@@ -275,9 +279,9 @@ def finetune_contrastive(model: SpectrogramModel, feats: Features, waves: torch.
     def step(idx: torch.Tensor) -> float:
         w = waves[idx]
         anchor = feats.logmel(w)
-        positive = feats.logmel(augment_waves(w, aug, gen))
+        positive = feats.logmel(augment_waves(w, aug, gen, feats.device))
         with torch.no_grad():
-            negative = feats.normalise(negatives(feats.denormalise(anchor).cpu(), gen).to(feats.device))
+            negative = feats.normalise(negatives(feats.denormalise(anchor), gen))
         h = model.encoder(torch.cat([anchor, positive, negative]))
         a, p, n = h.chunk(3)
         loss_c = contrastive_eq6_loss(a, p, n, m=cfg.margin, s=cfg.scale, alpha=cfg.alpha, beta=cfg.beta)

@@ -103,8 +103,9 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
 
 def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb: np.ndarray,
                band_means: np.ndarray, profile: TrainProfile) -> dict:
-    """One EnsembleGroup per machine type: GMMs on the fit windows; thresholds on held-out
-    windows when a type has enough of them (else on the fit windows)."""
+    """One EnsembleGroup per machine type (plus a GMM pair per device with enough windows):
+    GMMs on the fit windows; NLL standardisation and thresholds on the held-out windows when a
+    type has at least 10 of them (else on the fit windows)."""
     from stream_asd.model.scoring import EnsembleGroup
 
     sc = profile.scoring
@@ -115,19 +116,24 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
     for mtype in sorted(set(types.tolist())):
         sel_fit = (types == mtype) & fit_np
         sel_cal = (types == mtype) & cal_np
-        g = EnsembleGroup.fit(mtype, fusion_emb[sel_fit], band_means[sel_fit], None, devs[sel_fit].tolist(),
-                              weights=(sc.weight_fusion, sc.weight_stats), quantile=sc.threshold_quantile,
-                              min_device_windows=sc.min_device_windows, reg_covar=sc.gmm_reg_covar,
-                              max_iter=sc.gmm_max_iter)
-        if sel_cal.sum() >= 10:
-            g.calibrate(fusion_emb[sel_cal], band_means[sel_cal], devs[sel_cal].tolist(), sc.threshold_quantile,
-                        max(1, int(sc.min_device_windows * sel_cal.sum() / max(1, (types == mtype).sum()))))
-            g.info["thresholds_from"] = "held-out normals"
-        else:
-            g.info["thresholds_from"] = "training normals"
-        g.info.update({"n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
+        held_out = sel_cal.sum() >= 10
+        # a device "has enough windows" for its own threshold by its total count; the held-out
+        # part is a fixed share of it, so scale the minimum to that share
+        share = sel_cal.sum() / max(1, (types == mtype).sum()) if held_out else sel_fit.sum() / max(1, (types == mtype).sum())
+        min_dev = max(10, int(round(sc.min_device_windows * share)))
+        g = EnsembleGroup.fit(
+            mtype, fusion_emb[sel_fit], band_means[sel_fit], None, devs[sel_fit].tolist(),
+            weights=(sc.weight_fusion, sc.weight_stats), quantile=sc.threshold_quantile,
+            min_device_windows=min_dev, reg_covar=sc.gmm_reg_covar, max_iter=sc.gmm_max_iter,
+            calib_fusion=fusion_emb[sel_cal] if held_out else None,
+            calib_band_means=band_means[sel_cal] if held_out else None,
+            calib_device_ids=devs[sel_cal].tolist() if held_out else None,
+            stats_log=sc.stats_log, per_device_min_windows=sc.device_gmm_min_windows or None)
+        g.info.update({"thresholds_from": "held-out normals" if held_out else "training normals",
+                       "n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
                        "devices": sorted(set(devs[types == mtype].tolist()))})
         groups[mtype] = g
-        log.info("group %s: %d fit windows, %d calibration windows, threshold %.3f, %d device thresholds",
-                 mtype, sel_fit.sum(), sel_cal.sum(), g.thresholds.group, len(g.thresholds.per_device))
+        log.info("group %s: %d fit windows, %d calibration windows, %d device GMM pairs, threshold %.3f, "
+                 "%d device thresholds", mtype, sel_fit.sum(), sel_cal.sum(), len(g.device_scorers),
+                 g.thresholds.group, len(g.thresholds.per_device))
     return groups
