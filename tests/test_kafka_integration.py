@@ -217,6 +217,21 @@ def test_faust_agent_consumes_every_chunk_once_in_order(fleet, unique_name, tmp_
     check_exactly_once_in_order(records, delivered)
 
 
+def committed_offsets(consumer: Consumer, tps: list[TopicPartition], timeout_s: float = 30.0):
+    """committed() once the group coordinator answers: right after a broker (re)start it may
+    still be loading __consumer_offsets (NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS)."""
+    retriable = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                 KafkaError.COORDINATOR_NOT_AVAILABLE}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return consumer.committed(tps, timeout=10)
+        except KafkaException as exc:
+            if exc.args[0].code() not in retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_broker_restart_keeps_data_and_committed_offsets(tmp_path, unique_name):
     """Own broker: produce half, consume part and commit, restart, then finish the job."""
     with LocalBroker(tmp_path / "restart-broker") as broker:
@@ -231,7 +246,7 @@ def test_broker_restart_keeps_data_and_committed_offsets(tmp_path, unique_name):
         assert 600 <= len(part1) <= len(first)
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         probe = Consumer(consumer_conf(settings, group))
-        committed_before = {tp.partition: tp.offset for tp in probe.committed(tps, timeout=10)}
+        committed_before = {tp.partition: tp.offset for tp in committed_offsets(probe, tps)}
         probe.close()
         # (a partition that gave nothing yet has no commit: OFFSET_INVALID, -1001)
         assert sum(max(o, 0) for o in committed_before.values()) == len(part1), "commits != consumed"
@@ -243,7 +258,7 @@ def test_broker_restart_keeps_data_and_committed_offsets(tmp_path, unique_name):
         assert restart_s < 30
 
         probe = Consumer(consumer_conf(settings, group))
-        committed_after = {tp.partition: tp.offset for tp in probe.committed(tps, timeout=10)}
+        committed_after = {tp.partition: tp.offset for tp in committed_offsets(probe, tps)}
         watermarks = [probe.get_watermark_offsets(tp, timeout=10) for tp in tps]
         probe.close()
         assert committed_after == committed_before, "committed offsets lost in the restart"
