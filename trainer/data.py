@@ -26,7 +26,7 @@ from stream_asd.errors import DatasetLayoutError
 
 log = logging.getLogger("trainer.data")
 
-LAYOUTS = ("auto", "dcase2020", "dcase2021", "mimii", "archive")
+LAYOUTS = ("auto", "dcase2020", "dcase2021", "mimii", "manifest", "archive")
 
 #: reader for --layout archive: callable(root, **kwargs) -> iterable of clip records
 ARCHIVE_READER: Callable[..., Iterable[Any]] | None = None

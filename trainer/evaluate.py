@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="model bundle folder")
     parser.add_argument("--data", required=True, help="data set root (test split is scored)")
     parser.add_argument("--out", required=True, help="report folder (metrics.json, summary.md, plots)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "dcase2020", "dcase2021", "mimii", "archive"])
+    parser.add_argument("--layout", default="auto", choices=["auto", "dcase2020", "dcase2021", "mimii", "manifest", "archive"])
     parser.add_argument("--split", default="test", help="which split to score (default test)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=16)
