@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .durable import atomic_write_bytes, fsync_dir
 from .errors import AsdError, BundleError
 
 log = logging.getLogger(__name__)
@@ -175,34 +176,6 @@ class ModelAnnouncement:
 # Storage back-ends: a local folder (fsync + rename) or an fsspec filesystem (object stores).
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 class _LocalStore:
     def __init__(self, root: Path):
         self.root = root
@@ -236,11 +209,11 @@ class _LocalStore:
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
             for d in [*sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True), tmp]:
-                _fsync_dir(d)
+                fsync_dir(d)
             if dest.exists():  # a half-finished earlier put of the same version (no index): replace it
                 shutil.rmtree(dest)
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..durable import fsync_dir
 from ..errors import AsdError
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ def partition_rel(machine_type: str, device_id: str, date: str) -> str:
 
 def segment_name(device_id: str, first_seq: int, last_seq: int) -> str:
     return f"{safe_name(device_id)}_{first_seq:010d}-{last_seq:010d}.flac"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest_bytes(entries: list[dict[str, Any]]) -> bytes:
@@ -152,7 +145,7 @@ class ArchiveStore:
             except FileNotFoundError:
                 pass
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def delete(self, rel: str) -> None:
         try:
