@@ -561,7 +561,6 @@ class Demo:
     # -- main -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        a = self.args
         t_start = time.monotonic()
         self.logs.mkdir(parents=True, exist_ok=True)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM,)}

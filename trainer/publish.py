@@ -23,9 +23,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from stream_asd.errors import AsdError, BundleError
+from stream_asd.errors import BundleError
 from stream_asd.registry import Registry, RegistryError, announce, default_compatibility
 
 log = logging.getLogger("trainer.publish")

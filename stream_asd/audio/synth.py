@@ -762,7 +762,6 @@ class _Renderer:
         """Shaped noise sharing one white realisation per segment; one output per shape.
         ``colour=(delta, terms)``: the first shape becomes shape + alpha_j * delta, alpha_j the
         slow colour mix at segment j's centre (a change over minutes needs no finer steps)."""
-        v = self.v
         first = self.start // BLOCK - 1
         last = (self.start + self.n - 1) // BLOCK
         outs = [np.zeros(self.n, dtype=np.float64) for _ in shapes]

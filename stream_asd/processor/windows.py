@@ -38,13 +38,12 @@ and all windows before them, are scored or skipped.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 
-from ..wire import AudioChunk, pcm16_to_float, window_id
+from ..wire import AudioChunk, window_id
 
 FLAG_GAP_ZERO_FILLED = "gap_zero_filled"
 SKIP_GAP = "gap"
