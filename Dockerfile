@@ -69,6 +69,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     TORCH_HOME=/tmp/torch \
     HF_HOME=/tmp/huggingface \
+    OMP_WAIT_POLICY=PASSIVE \
     ASD_METRICS__PORT=9108
 USER 10001:10001
 WORKDIR /tmp
