@@ -67,3 +67,14 @@ def test_report_files(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| fan | 75.00 |" in summary and "| pump | 100.00 |" in summary
     assert metrics["n_clips"] == 10
+
+
+def test_per_model_metrics(tmp_path):
+    # 'stats' separates perfectly, 'fusion' is inverted: the per-model table must say so
+    clips = []
+    for i, (label, f, s) in enumerate([(0, 3.0, 0.0), (0, 2.0, 1.0), (1, 1.0, 2.0), (1, 0.0, 3.0)]):
+        clips.append(ScoredClip(f"c{i}", "fan", "id_00", label, 0.9 * f + 0.1 * s, 1.0, {"fusion": f, "stats": s}))
+    metrics = write_report(clips, tmp_path)
+    assert metrics["per_model"]["stats"]["mean_auc"] == pytest.approx(1.0)
+    assert metrics["per_model"]["fusion"]["mean_auc"] == pytest.approx(0.0)
+    assert "| stats | 100.00 |" in (tmp_path / "summary.md").read_text()

@@ -38,6 +38,7 @@ class ScoredClip:
     label: int          # 1 = anomaly, 0 = normal
     score: float
     threshold: float
+    parts: dict[str, float] | None = None  # per-model scores ({'fusion', 'stats'} or {'ae'})
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -105,6 +106,20 @@ def compute_metrics(clips: Sequence[ScoredClip]) -> dict:
     result["mean_far"] = _nanmean(t["far"] for t in types)
     result["n_clips"] = len(clips)
     return result
+
+
+def per_model_metrics(clips: Sequence[ScoredClip]) -> dict:
+    """AUC/pAUC of each model of the ensemble alone (its standardised score), for diagnosis."""
+    names = sorted({k for c in clips for k in (c.parts or {})})
+    out = {}
+    for name in names:
+        sub = [ScoredClip(c.path, c.machine_type, c.machine_id, c.label, c.parts[name], math.inf)
+               for c in clips if c.parts and name in c.parts]
+        m = compute_metrics(sub)
+        out[name] = {"mean_auc": m["mean_auc"], "mean_pauc": m["mean_pauc"],
+                     "auc": {t: v["auc"] for t, v in m["machine_types"].items()},
+                     "pauc": {t: v["pauc"] for t, v in m["machine_types"].items()}}
+    return out
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -184,6 +199,13 @@ def summary_markdown(metrics: dict, title: str = "Evaluation") -> str:
         worst = min(m["ids"].items(), key=lambda kv: kv[1]["auc"] if not math.isnan(kv[1]["auc"]) else 2)[0]
         lines.append(f"| {mtype} | {_fmt(m['auc'])} | {_fmt(m['pauc'])} | {_fmt(m['min_auc'])} ({worst}) | "
                      f"{_fmt(m['min_pauc'])} | {_fmt(m['recall'])} | {_fmt(m['far'])} | {m['n_normal']} | {m['n_anomaly']} |")
+    if len(metrics.get("per_model", {})) > 1:
+        lines += ["", "## Each model alone (its standardised score)", "",
+                  "| model | mean AUC % | mean pAUC % | " + " | ".join(f"{t} AUC %" for t in metrics["machine_types"]) + " |",
+                  "|---|---|---|" + "---|" * len(metrics["machine_types"])]
+        for name, pm in metrics["per_model"].items():
+            lines.append(f"| {name} | {_fmt(pm['mean_auc'])} | {_fmt(pm['mean_pauc'])} | "
+                         + " | ".join(_fmt(pm["auc"].get(t, float('nan'))) for t in metrics["machine_types"]) + " |")
     lines += ["", "## Per machine id", "", "| machine type | id | AUC % | pAUC % | recall % | FAR % |", "|---|---|---|---|---|---|"]
     for mtype, m in metrics["machine_types"].items():
         for mid, v in m["ids"].items():
@@ -197,6 +219,7 @@ def write_report(clips: Sequence[ScoredClip], out_dir: Path, extra: dict | None 
                  title: str = "Evaluation") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(clips)
+    metrics["per_model"] = per_model_metrics(clips)
     if extra:
         metrics.update(extra)
     with open(out_dir / "scores.csv", "w", newline="") as fh:
@@ -239,12 +262,15 @@ def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", sp
         result = detector.score_windows(waves.numpy(), types, ids)
         scores = np.asarray([r.score for r in result], dtype=np.float64)
         thresholds = np.asarray([r.threshold for r in result], dtype=np.float64)
+        part_names = sorted(result[0].scores) if result else []
+        parts = {k: np.asarray([r.scores[k] for r in result], dtype=np.float64) for k in part_names}
         pos = 0
         for clip, w in pending:
             n = w.shape[0]
             out.append(ScoredClip(str(clip.path), clip.machine_type, clip.machine_id,
                                   1 if clip.label == "anomaly" else 0,
-                                  float(scores[pos:pos + n].mean()), float(thresholds[pos])))
+                                  float(scores[pos:pos + n].mean()), float(thresholds[pos]),
+                                  {k: float(v[pos:pos + n].mean()) for k, v in parts.items()}))
             pos += n
         pending.clear()
 
