@@ -17,14 +17,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..durable import fsync_dir
+from ..durable import atomic_write_bytes
 from ..errors import AsdError
 
 log = logging.getLogger(__name__)
@@ -130,22 +128,7 @@ class ArchiveStore:
         if not self.is_local:
             self.fs.pipe_file(self._remote(rel), data)
             return
-        dest = self.path / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            raise
-        fsync_dir(dest.parent)
+        atomic_write_bytes(self.path / rel, data, tmp_prefix=TMP_PREFIX)
 
     def delete(self, rel: str) -> None:
         try:
