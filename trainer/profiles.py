@@ -17,16 +17,18 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from stream_asd.audio.features import FeatureSpec
 from stream_asd.errors import ConfigError
 
 
 @dataclass
 class FeatureSettings:
-    sample_rate: int = 16000
-    window_seconds: float = 10.0
-    n_fft: int = 2048
-    hop_length: int = 512
-    n_mels: int = 224
+    # The paper's defaults live in the runtime's FeatureSpec (saved in every bundle): one source.
+    sample_rate: int = FeatureSpec.sample_rate
+    window_seconds: float = FeatureSpec.window_seconds
+    n_fft: int = FeatureSpec.n_fft
+    hop_length: int = FeatureSpec.hop_length
+    n_mels: int = FeatureSpec.n_mels
     # hop between training windows cut from longer clips (fraction of the window)
     train_hop_fraction: float = 1.0
 
