@@ -74,14 +74,7 @@ def _read_audio(path: Path, sample_rate: int) -> np.ndarray:
     """Mono float32 at ``sample_rate`` via the audio package (resamples when needed)."""
     from ..audio.io import read_audio
 
-    audio = read_audio(path, sample_rate)
-    # read_audio may return (samples, rate) or samples; accept both shapes of the contract.
-    if isinstance(audio, tuple):
-        audio = audio[0]
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim != 1:
-        audio = audio.reshape(-1) if 1 in audio.shape else audio.mean(axis=-1 if audio.shape[-1] < audio.shape[0] else 0)
-    return audio
+    return read_audio(path, sample_rate)  # 1-D float32, first channel of multichannel files
 
 
 class FileSource(DeviceSource):
@@ -138,8 +131,6 @@ class FileSource(DeviceSource):
 
 # DCASE2020: normal_id_01_00000000.wav; DCASE2021+/MIMII DUE: section_00_source_train_normal_0000.wav;
 # MIMII: <snr>/<type>/id_00/normal/00000000.wav
-_RE_DCASE2020 = re.compile(r"^(?P<label>normal|anomaly)_(?P<mid>id_\d+)_\d+", re.IGNORECASE)
-_RE_DCASE2021 = re.compile(r"^(?P<mid>section_\d+)_.*?_(?P<label>normal|anomaly)_", re.IGNORECASE)
 _RE_ID_DIR = re.compile(r"^id_\d+$", re.IGNORECASE)
 _LAYOUT_DIRS = {"train", "test", "source_test", "target_test", "normal", "abnormal", "eval", "dev",
                 "supplemental"}
@@ -169,19 +160,15 @@ def describe_clip(path: Path) -> ClipInfo:
     (``section_00_...``) -> ``fan-section_00``; MIMII (``fan/id_00/normal/*.wav``) -> ``fan-id_00``;
     anything else -> the file stem, machine type = the nearest folder name.
     """
+    from ..audio.datasets import parse_clip_path
+
     path = Path(path)
-    stem = path.stem
-    parents = list(path.parents)
-    machine_type = _machine_type_from(parents)
-    for regex in (_RE_DCASE2020, _RE_DCASE2021):
-        m = regex.match(stem)
-        if m:
-            return ClipInfo(path, f"{machine_type}-{m.group('mid').lower()}", machine_type, m.group("label").lower())
-    for parent in parents[:2]:
-        if _RE_ID_DIR.match(parent.name):  # MIMII: id dir then label dir
-            label = {"normal": "normal", "abnormal": "anomaly"}.get(path.parent.name.lower())
-            return ClipInfo(path, f"{machine_type}-{parent.name.lower()}", machine_type, label)
-    return ClipInfo(path, stem, machine_type, None)
+    machine_type = _machine_type_from(path.parents)
+    # The data set readers own the file-name conventions (the trainer names devices the same way).
+    clip = parse_clip_path(path, root=Path(path.anchor or "."))
+    if clip is not None:
+        return ClipInfo(path, f"{machine_type}-{clip.machine_id.lower()}", machine_type, clip.label)
+    return ClipInfo(path, path.stem, machine_type, None)
 
 
 def _clips_in_folder(folder: Path) -> list[ClipInfo]:
