@@ -114,6 +114,9 @@ class ScoringSettings:
     min_device_windows: int = 50   # per-device threshold once a device has this many normal windows
     stats_log: bool = True         # statistics GMM on log10(lambda * band means) (DEVIATION 8, docs/model.md)
     device_gmm_min_windows: int = 40  # own GMM pair per device with this many fit windows (0: type GMMs only)
+    # hop (fraction of the window) of the windows the GMMs and thresholds are fitted on; finer
+    # than features.train_hop_fraction gives the 128-d full covariance more (overlapping) windows
+    fit_hop_fraction: float = 1.0
 
 
 @dataclass
@@ -226,7 +229,7 @@ def cpu() -> TrainProfile:
         timecnn=TimeCNNSettings(epochs=16, batch_size=32, width=0.5),
         fusion=FusionSettings(epochs=20, batch_size=64, map_side=12),
         ae=AESettings(epochs=30, batch_size=512),
-        scoring=ScoringSettings(min_device_windows=50),
+        scoring=ScoringSettings(min_device_windows=50, fit_hop_fraction=0.25),
         run=RunSettings(device="cpu", log_every=10),
     )
 
@@ -242,7 +245,8 @@ def tiny() -> TrainProfile:
         timecnn=TimeCNNSettings(epochs=2, batch_size=16, width=0.25, embedding_dim=32),
         fusion=FusionSettings(epochs=3, batch_size=16, map_side=10),
         ae=AESettings(n_mels=32, n_fft=512, hop_length=256, epochs=3, batch_size=128, hidden=32, bottleneck=4),
-        scoring=ScoringSettings(gmm_max_iter=200, min_device_windows=20, device_gmm_min_windows=10),
+        scoring=ScoringSettings(gmm_max_iter=200, min_device_windows=20, device_gmm_min_windows=10,
+                                fit_hop_fraction=0.5),
         run=RunSettings(device="cpu", log_every=1000),
     )
 

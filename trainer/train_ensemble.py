@@ -84,14 +84,15 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
     # come from EnsembleModel.embed, exactly what the runtime detector computes.
     t = time.perf_counter()
     model.eval()
+    sw, fit_mask, calib_mask = scoring_windows(td, profile)
     with torch.no_grad():
         fus, bms = [], []
-        for i in range(0, len(ws), bs):
-            out = model.embed(ws.waves[i:i + bs].to(device))
+        for i in range(0, len(sw), bs):
+            out = model.embed(sw.waves[i:i + bs].to(device))
             fus.append(out.fusion.double().cpu())
             bms.append(out.band_means.double().cpu())
     fusion_emb, band_means = torch.cat(fus).numpy(), torch.cat(bms).numpy()
-    groups = fit_groups(ws, td.fit_mask, td.calib_mask, fusion_emb, band_means, profile)
+    groups = fit_groups(sw, fit_mask, calib_mask, fusion_emb, band_means, profile)
     stages.append({"name": "scoring", "seconds": round(time.perf_counter() - t, 2),
                    "groups": {k: g.info for k, g in groups.items()}})
 
@@ -99,6 +100,32 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
               "stages": stages, "n_windows": len(ws)}
     bundle = model.to("cpu").to_bundle(groups)
     return bundle, report
+
+
+def scoring_windows(td, profile: TrainProfile):
+    """The windows the GMMs, standardisation and thresholds are fitted on: the training clips cut
+    again with ``scoring.fit_hop_fraction`` (overlapping windows, like the processor's hop) when
+    that is finer than the training hop. A full-covariance GMM over a 128-d embedding needs many
+    more windows than dimensions; the networks do not need the overlap (it would only repeat
+    their epochs). Returns (windows, fit mask, calibration mask); a clip stays on its side."""
+    from .data import load_windows
+
+    ws = td.train
+    f = profile.features
+    if not 0 < profile.scoring.fit_hop_fraction <= 1:
+        from stream_asd.errors import ConfigError
+
+        raise ConfigError(f"scoring.fit_hop_fraction={profile.scoring.fit_hop_fraction}: use a value in (0, 1], "
+                          "e.g. --set scoring.fit_hop_fraction=0.25")
+    window = int(round(f.window_seconds * f.sample_rate))
+    hop = max(1, int(round(window * profile.scoring.fit_hop_fraction)))
+    if hop >= max(1, int(round(window * f.train_hop_fraction))):
+        return ws, td.fit_mask, td.calib_mask
+    calib_clips = set(ws.clip_index[td.calib_mask].tolist())
+    sw = load_windows(ws.clips, f.sample_rate, window, hop, classes=ws.classes)
+    calib = torch.tensor([i in calib_clips for i in sw.clip_index.tolist()], dtype=torch.bool)
+    log.info("scoring windows: %d (hop %.2f s) from %d clips", len(sw), hop / f.sample_rate, len(ws.clips))
+    return sw, ~calib, calib
 
 
 def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb: np.ndarray,
