@@ -129,3 +129,51 @@ def test_profile_overrides():
         get_profile("cpu", ["simsiam.nope=1"])
     with pytest.raises(ConfigError):
         get_profile("cpu", ["simsiam.epochs=many"])
+
+
+def test_scoring_windows_overlap_and_keep_clips_on_their_side(tiny_data):
+    from trainer.fit import load_training_data
+    from trainer.train_ensemble import scoring_windows
+
+    profile = get_profile("tiny", ["scoring.fit_hop_fraction=0.5"])
+    td = load_training_data(tiny_data, "auto", profile, 0, None, False)
+    sw, fit_mask, calib_mask = scoring_windows(td, profile)
+    # 2 s clips, 1 s windows: training hop 1 s -> 2 windows a clip, scoring hop 0.5 s -> 3
+    assert len(td.train) == 2 * len(td.train.clips)
+    assert len(sw) == 3 * len(td.train.clips)
+    assert bool((fit_mask ^ calib_mask).all())
+    calib_before = set(td.train.clip_index[td.calib_mask].tolist())
+    assert calib_before and set(sw.clip_index[calib_mask].tolist()) == calib_before
+    assert not calib_before & set(sw.clip_index[fit_mask].tolist())
+    # every window is a real slice of its clip's audio (the second window starts half a window in)
+    first = sw.waves[sw.clip_index == 0]
+    train_first = td.train.waves[td.train.clip_index == 0]
+    assert torch.equal(first[0], train_first[0]) and torch.equal(first[2], train_first[1])
+    assert torch.equal(first[1][:8000], train_first[0][8000:])
+    # a hop no finer than the training hop reuses the training windows as they are
+    same = scoring_windows(td, get_profile("tiny", ["scoring.fit_hop_fraction=1.0"]))
+    assert same[0] is td.train
+    with pytest.raises(ConfigError, match="fit_hop_fraction"):
+        scoring_windows(td, get_profile("tiny", ["scoring.fit_hop_fraction=0"]))
+
+
+def test_clip_score_aggregates_the_detectors_window_scores(tiny_bundle, tiny_data):
+    from stream_asd.model.detector import load_detector
+    from trainer.data import list_clips, load_wave, window_wave
+    from trainer.evaluate import score_dataset
+
+    out, _ = tiny_bundle
+    by = {agg: {c.path: c for c in score_dataset(out, tiny_data, progress=False, clip_score=agg)}
+          for agg in ("median", "mean", "max")}
+    det = load_detector(out, device="cpu")
+    clip = next(c for c in list_clips(tiny_data, split="test") if c.label == "anomaly")
+    waves = window_wave(load_wave(clip.path, det.feature_spec.sample_rate), det.window_samples).numpy()
+    ws = np.array([r.score for r in det.score_windows(waves, [clip.machine_type] * len(waves),
+                                                       [f"{clip.machine_type}-{clip.machine_id}"] * len(waves))])
+    got = {agg: by[agg][str(clip.path)] for agg in by}
+    assert got["median"].score == pytest.approx(float(np.median(ws)), rel=1e-9)
+    assert got["mean"].score == pytest.approx(float(ws.mean()), rel=1e-9)
+    assert got["max"].score == pytest.approx(float(ws.max()), rel=1e-9)
+    assert set(got["median"].parts) == {"fusion", "stats"}
+    with pytest.raises(ValueError, match="clip_score"):
+        score_dataset(out, tiny_data, progress=False, clip_score="mode")

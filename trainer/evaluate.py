@@ -235,10 +235,17 @@ def write_report(clips: Sequence[ScoredClip], out_dir: Path, extra: dict | None 
 
 # --- scoring a data set with a bundle -------------------------------------------------------
 
+# How a clip's window scores become its score. ``median`` (default) is the clip-level form of
+# the processor's alert rule (k of n windows): the median exceeds a threshold exactly when most
+# windows do, so one window with a passing noise (a door, a forklift) does not decide the clip.
+CLIP_SCORES = {"median": np.median, "mean": np.mean, "max": np.max}
+
+
 def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", split: str = "test",
                   device: str = "cpu", batch_size: int = 16, machine_types: Sequence[str] | None = None,
-                  progress: bool = True) -> list[ScoredClip]:
-    """Score every clip of ``split`` with the bundle; a clip's score is the mean over its windows."""
+                  progress: bool = True, clip_score: str = "median") -> list[ScoredClip]:
+    """Score every clip of ``split`` with the bundle; a clip's score (and each model's part) is
+    the ``clip_score`` (median, mean or max) of its window scores."""
     from stream_asd.model.detector import load_detector
 
     import torch
@@ -247,6 +254,9 @@ def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", sp
 
     from .data import list_clips, load_wave
 
+    if clip_score not in CLIP_SCORES:
+        raise ValueError(f"clip_score {clip_score!r}: use one of {', '.join(CLIP_SCORES)}")
+    agg = CLIP_SCORES[clip_score]
     detector = load_detector(bundle, device=device, max_batch=batch_size)
     window = detector.feature_spec.window_samples
     clips = [c for c in list_clips(data, layout=layout, split=split)
@@ -269,8 +279,8 @@ def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", sp
             n = w.shape[0]
             out.append(ScoredClip(str(clip.path), clip.machine_type, clip.machine_id,
                                   1 if clip.label == "anomaly" else 0,
-                                  float(scores[pos:pos + n].mean()), float(thresholds[pos]),
-                                  {k: float(v[pos:pos + n].mean()) for k, v in parts.items()}))
+                                  float(agg(scores[pos:pos + n])), float(thresholds[pos]),
+                                  {k: float(agg(v[pos:pos + n])) for k, v in parts.items()}))
             pos += n
         pending.clear()
 
@@ -308,13 +318,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--machine-type", action="append", default=None, help="only these machine types")
+    parser.add_argument("--clip-score", default="median", choices=sorted(CLIP_SCORES),
+                        help="a clip's score from its window scores (default median: the clip-level form of "
+                             "the k-of-n alert rule)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     clips = score_dataset(args.bundle, args.data, args.layout, args.split, args.device, args.batch_size,
-                          args.machine_type, progress=not args.no_progress)
+                          args.machine_type, progress=not args.no_progress, clip_score=args.clip_score)
     if not clips:
         from stream_asd.errors import DatasetLayoutError
 
@@ -327,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001 - the report still works without the kind
         pass
     metrics = write_report(clips, Path(args.out), {"bundle": str(args.bundle), "data": str(args.data),
-                                                    "model_kind": kind,
+                                                    "model_kind": kind, "clip_score": args.clip_score,
                                                     "seconds": round(time.perf_counter() - t0, 1)})
     log.info("mean AUC %.4f, pAUC %.4f over %d clips -> %s", metrics["mean_auc"], metrics["mean_pauc"],
              metrics["n_clips"], args.out)

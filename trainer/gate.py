@@ -164,7 +164,8 @@ def _windows(wave: np.ndarray, window: int) -> np.ndarray:
 
 
 def score_set(detector: Any, evalset: EvalSet) -> list[tuple[EvalClip, float, float]]:
-    """(clip, mean window score, threshold) for every clip the detector has a model group for."""
+    """(clip, median window score, threshold) for every clip the detector has a model group for
+    (median: the clip score ``asd-train evaluate`` uses by default, see trainer.evaluate.CLIP_SCORES)."""
     window = detector.feature_spec.window_samples
     out = []
     groups = set(detector.model_groups)
@@ -173,7 +174,7 @@ def score_set(detector: Any, evalset: EvalSet) -> list[tuple[EvalClip, float, fl
             continue
         w = _windows(c.wave, window)
         res = detector.score_windows(w, [c.machine_type] * len(w), [c.device_id] * len(w))
-        out.append((c, float(np.mean([r.score for r in res])), float(res[0].threshold)))
+        out.append((c, float(np.median([r.score for r in res])), float(res[0].threshold)))
     return out
 
 
