@@ -126,10 +126,45 @@ def main(argv=None) -> int:
                     "load_avg_at_end": os.getloadavg()},
         "commands": {k: " ".join(v).replace(str(ROOT) + "/", "") for k, v in commands.items()},
     }
+    result["per_fault_auc"] = per_fault(out)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0 if result["target_met"] else 1
+
+
+def per_fault(out: Path) -> dict:
+    """AUC of each device's test normals against its anomalies of one fault type, mean over the
+    devices, for every model part (ensemble, fusion, stats; AE), median clip score."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from trainer.evaluate import score_dataset
+
+    data = out / "data"
+    fault = {str(data / r["path"]): r["fault"] for r in csv.DictReader(open(data / "manifest.csv"))}
+    result: dict[str, dict[str, float]] = {}
+    for model in ("ensemble", "ae"):
+        bundle = out / f"bundle-{model}"
+        if not bundle.exists():
+            continue
+        clips = score_dataset(bundle, data, progress=False)
+        parts = {"ensemble" if model == "ensemble" else "ae": lambda c: c.score}
+        if model == "ensemble":
+            parts.update({k: (lambda c, k=k: c.parts[k]) for k in ("fusion", "stats")})
+        for name, get in parts.items():
+            aucs: dict[str, list[float]] = {}
+            for dev in sorted({(c.machine_type, c.machine_id) for c in clips}):
+                mine = [c for c in clips if (c.machine_type, c.machine_id) == dev]
+                normals = [get(c) for c in mine if c.label == 0]
+                for f in FAULTS:
+                    bad = [get(c) for c in mine if c.label == 1 and fault.get(c.path) == f]
+                    if bad and normals:
+                        aucs.setdefault(f, []).append(roc_auc_score([0] * len(normals) + [1] * len(bad), normals + bad))
+            result[name] = {f: round(float(np.mean(v)), 4) for f, v in aucs.items()}
+    return result
 
 
 def _summary(m: dict) -> dict:
@@ -159,6 +194,12 @@ def _markdown(r: dict) -> str:
               f"AE {pct(a.get('mean_recall'))} / {pct(a.get('mean_far'))} %.",
               f"Target (mean AUC >= 90 % and above the AE): {'met' if r['target_met'] else 'NOT met'}.",
               f"Timings (s, wall): {r['timings_s']}; CPU seconds: {r['cpu_s']}."]
+    pf = r.get("per_fault_auc") or {}
+    if pf:
+        lines += ["", "Per fault (each device's normals vs its anomalies of that fault, mean over devices, AUC %):", "",
+                  "| model | " + " | ".join(FAULTS) + " |", "|---|" + "---|" * len(FAULTS)]
+        for name, v in pf.items():
+            lines.append(f"| {name} | " + " | ".join(pct(v.get(f)) for f in FAULTS) + " |")
     return "\n".join(lines) + "\n"
 
 
