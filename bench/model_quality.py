@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         result = json.loads((out / "results.json").read_text())
         result["per_fault_auc"] = per_fault(out)
         result["window_level_auc"] = window_level_auc(out)
+        result["weight_sweep"] = weight_sweep(out)
         (out / "results.json").write_text(json.dumps(result, indent=2))
         (out / "results.md").write_text(_markdown(result))
         print(_markdown(result))
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
     }
     result["per_fault_auc"] = per_fault(out)
     result["window_level_auc"] = window_level_auc(out)
+    result["weight_sweep"] = weight_sweep(out)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(result))
     print(_markdown(result))
@@ -178,38 +180,75 @@ def per_fault(out: Path) -> dict:
     return result
 
 
-def window_level_auc(out: Path) -> dict:
-    """AUC over single windows (each labelled as its clip): what the processor's per-window
-    scores see before the k-of-n alert rule; mean over ids, then over machine types."""
+def _window_parts(bundle: Path, data: Path) -> dict:
+    """Per device: (labels, {part: window scores}) from the runtime detector, one entry per window."""
     import numpy as np
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from stream_asd.model.detector import load_detector
     from stream_asd.model.windows import iter_windows
     from trainer.data import list_clips, load_wave
 
+    det = load_detector(bundle, device="cpu", max_batch=32)
+    window = det.feature_spec.window_samples
+    per_dev: dict = {}
+    for c in list_clips(data, split="test"):
+        wave = load_wave(c.path, det.feature_spec.sample_rate).numpy()
+        wins = np.stack([w.samples for w in iter_windows(wave, window, window)])
+        with torch.no_grad():
+            res = det.score_windows(wins, [c.machine_type] * len(wins), [f"{c.machine_type}-{c.machine_id}"] * len(wins))
+        entry = per_dev.setdefault((c.machine_type, c.machine_id), {"label": [], "clip": [], "score": {}})
+        entry["label"] += [int(c.label == "anomaly")] * len(res)
+        entry["clip"] += [str(c.path)] * len(res)
+        for name in ["score", *sorted(res[0].scores)]:
+            entry["score"].setdefault(name, []).extend(r.score if name == "score" else r.scores[name] for r in res)
+    return per_dev
+
+
+def _type_mean_auc(per_dev: dict, score_of, clip_score=None) -> float:
+    """Mean over machine types of the mean over ids of the AUC of ``score_of(entry)`` (windows),
+    or of clip scores (``clip_score`` of each clip's windows) when given."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    types: dict[str, list[float]] = {}
+    for (mtype, _), e in sorted(per_dev.items()):
+        y, sc = np.asarray(e["label"]), np.asarray(score_of(e), dtype=np.float64)
+        if clip_score is not None:
+            clips = np.asarray(e["clip"])
+            names = sorted(set(e["clip"]))
+            y = np.asarray([y[clips == n][0] for n in names])
+            sc = np.asarray([clip_score(sc[clips == n]) for n in names])
+        types.setdefault(mtype, []).append(roc_auc_score(y, sc))
+    return float(np.mean([np.mean(v) for v in types.values()]))
+
+
+def weight_sweep(out: Path, grid=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)) -> dict:
+    """Ensemble AUC for other (fusion, statistics) weights on the same bundle's standardised
+    window scores: window level, clip median, clip mean. For choosing weights on a validation
+    set (another seed), never on the benchmark itself."""
+    import numpy as np
+
+    per_dev = _window_parts(out / "bundle-ensemble", out / "data")
+    rows = []
+    for w in grid:
+        def mix(e, w=w):
+            return w * np.asarray(e["score"]["fusion"]) + (1 - w) * np.asarray(e["score"]["stats"])
+        rows.append({"weight_fusion": w, "window_auc": round(_type_mean_auc(per_dev, mix), 4),
+                     "clip_median_auc": round(_type_mean_auc(per_dev, mix, np.median), 4),
+                     "clip_mean_auc": round(_type_mean_auc(per_dev, mix, np.mean), 4)})
+    return {"rows": rows}
+
+
+def window_level_auc(out: Path) -> dict:
+    """AUC over single windows (each labelled as its clip): what the processor's per-window
+    scores see before the k-of-n alert rule; mean over ids, then over machine types."""
     result = {}
     for model in ("ensemble", "ae"):
         bundle = out / f"bundle-{model}"
-        if not bundle.exists():
-            continue
-        det = load_detector(bundle, device="cpu", max_batch=32)
-        window = det.feature_spec.window_samples
-        per_dev: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-        for c in list_clips(out / "data", split="test"):
-            wave = load_wave(c.path, det.feature_spec.sample_rate).numpy()
-            wins = np.stack([w.samples for w in iter_windows(wave, window, window)])
-            with torch.no_grad():
-                res = det.score_windows(wins, [c.machine_type] * len(wins), [f"{c.machine_type}-{c.machine_id}"] * len(wins))
-            y, sc = per_dev.setdefault((c.machine_type, c.machine_id), ([], []))
-            y += [int(c.label == "anomaly")] * len(res)
-            sc += [r.score for r in res]
-        types: dict[str, list[float]] = {}
-        for (mtype, _), (y, sc) in sorted(per_dev.items()):
-            types.setdefault(mtype, []).append(roc_auc_score(y, sc))
-        per_type = {t: round(float(np.mean(v)), 4) for t, v in types.items()}
-        result[model] = {"mean_auc": round(float(np.mean(list(per_type.values()))), 4), "per_type": per_type}
+        if bundle.exists():
+            per_dev = _window_parts(bundle, out / "data")
+            result[model] = {"mean_auc": round(_type_mean_auc(per_dev, lambda e: e["score"]["score"]), 4)}
     return result
 
 
@@ -244,6 +283,14 @@ def _markdown(r: dict) -> str:
     if wl:
         lines += ["", "Window-level AUC (every window scored alone, labelled as its clip): "
                   + ", ".join(f"{k} {pct(v['mean_auc'])} %" for k, v in wl.items()) + "."]
+    sweep = (r.get("weight_sweep") or {}).get("rows") or []
+    if sweep:
+        lines += ["", "Other ensemble weights on the same window scores (AUC %; choose on a validation seed):", "",
+                  "| weight fusion / statistics | window | clip median | clip mean |", "|---|---|---|---|"]
+        for row in sweep:
+            w = row["weight_fusion"]
+            lines.append(f"| {w:.1f} / {1 - w:.1f} | {pct(row['window_auc'])} | {pct(row['clip_median_auc'])} | "
+                         f"{pct(row['clip_mean_auc'])} |")
     pf = r.get("per_fault_auc") or {}
     if pf:
         lines += ["", "Per fault (each device's normals vs its anomalies of that fault, mean over devices, AUC %):", "",
