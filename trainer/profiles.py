@@ -229,7 +229,13 @@ def cpu() -> TrainProfile:
         timecnn=TimeCNNSettings(epochs=16, batch_size=32, width=0.5),
         fusion=FusionSettings(epochs=20, batch_size=64, map_side=12),
         ae=AESettings(epochs=30, batch_size=512),
-        scoring=ScoringSettings(min_device_windows=50, fit_hop_fraction=0.25),
+        # Ensemble weights 0.7 / 0.3 instead of the paper's 0.9 / 0.1: after a few CPU epochs the
+        # fusion embedding is the weaker model (window AUC ~0.77 vs ~0.96 for the statistics GMM
+        # on the synthetic validation seed 2, bench/model_quality.md), while on the real
+        # unknown_zyy438 machine it is the one that ranks the real anomaly first (statistics: 4th).
+        # 0.7 keeps that real-data ranking and takes most of the validation gain; lower weights
+        # score higher on synthetic faults only. The paper profile keeps 0.9 / 0.1.
+        scoring=ScoringSettings(min_device_windows=50, fit_hop_fraction=0.25, weight_fusion=0.7, weight_stats=0.3),
         run=RunSettings(device="cpu", log_every=10),
     )
 
