@@ -612,6 +612,7 @@ class RegistryWatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._retry: set[str] = set()
+        self._failed_at: dict[str, str] = {}  # version -> pointer.updated_at of the failed attempt
         self._thread: threading.Thread | None = None
         self._consumer: Any = None
         self._ann_sha: dict[str, str] = {}
@@ -687,7 +688,11 @@ class RegistryWatcher:
             return
         self.events.append({"event": "announcement", "version": ann.version, "action": ann.action})
         self._ann_sha[ann.version] = ann.sha256
-        self._retry.add(ann.version)  # an explicit announcement retries a version that failed before
+        # An announcement of a later pointer move (publish again, set-current) retries a version
+        # that failed before; the announcement of the very move that already failed (it often
+        # arrives just after the poll saw that pointer) does not, so one bad bundle is one failure.
+        if not (ann.at and ann.version in self.failed and self._failed_at.get(ann.version) == ann.at):
+            self._retry.add(ann.version)
         self._check("announcement")
 
     def _check(self, trigger: str) -> None:
@@ -706,6 +711,7 @@ class RegistryWatcher:
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old model
             reason = f"{type(exc).__name__}: {exc}"
             self.failed[pointer.version] = reason
+            self._failed_at[pointer.version] = pointer.updated_at
             self.events.append({"event": "failure", "version": pointer.version, "trigger": trigger, "reason": reason})
             log.error("model reload of %s/%s failed, keeping %s: %s", self.model_group, pointer.version,
                       self.running_version, reason)

@@ -167,6 +167,34 @@ def test_watcher_polls_swaps_and_keeps_old_model_on_bad_bundles(tmp_path):
         w.stop()
 
 
+def test_late_announcement_of_a_failed_move_is_not_a_second_failure(tmp_path):
+    """The poll often sees a new pointer just before its asd.models announcement arrives: one bad
+    bundle must count as one failure; announcing a later move of the pointer retries it."""
+    from prometheus_client import CollectorRegistry
+
+    from stream_asd.metrics import ProcessorMetrics
+
+    metrics = ProcessorMetrics(CollectorRegistry())
+    failures = metrics.model_reloads.labels(result="failure")
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.put(make_fake_bundle(tmp_path / "b1", weights=b"w1"), "fan")
+    reg.set_current("fan", v1)
+    w = _watcher(reg, "fan", [], metrics=metrics)
+    w.load_current()
+    vbad = reg.put(make_fake_bundle(tmp_path / "bad", weights=b"xx-corrupt"), "fan")
+    reg.set_current("fan", vbad)
+    w._check("poll")                                              # the poll sees the move first
+    assert vbad in w.failed and failures._value.get() == 1
+    w._on_announcement(reg.announcement("fan").to_json())         # then its announcement arrives
+    w._check("poll")
+    assert failures._value.get() == 1 and w.running_version == v1
+    reg.set_current("fan", v1)
+    reg.set_current("fan", vbad)                                  # an operator moves it again
+    w._on_announcement(reg.announcement("fan").to_json())
+    assert failures._value.get() == 2 and w.running_version == v1
+    assert [e["trigger"] for e in w.events if e["event"] == "failure"] == ["poll", "announcement"]
+
+
 def test_announcement_roundtrip_and_rejects_other_schema():
     a = ModelAnnouncement("fan", "v1", "/r/fan/versions/v1", "ab" * 32)
     assert ModelAnnouncement.from_json(a.to_json()) == a
