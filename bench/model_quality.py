@@ -68,13 +68,7 @@ def main(argv=None) -> int:
 
     out: Path = args.out.resolve()
     if args.analyses_only:
-        result = json.loads((out / "results.json").read_text())
-        result["per_fault_auc"] = per_fault(out)
-        result["window_level_auc"] = window_level_auc(out)
-        result["weight_sweep"] = weight_sweep(out)
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        (out / "results.md").write_text(_markdown(result))
-        print(_markdown(result))
+        _analyse_and_write(out, json.loads((out / "results.json").read_text()))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -137,13 +131,18 @@ def main(argv=None) -> int:
                     "load_avg_at_end": os.getloadavg()},
         "commands": {k: " ".join(v).replace(str(ROOT) + "/", "") for k, v in commands.items()},
     }
+    _analyse_and_write(out, result)
+    return 0 if result["target_met"] else 1
+
+
+def _analyse_and_write(out: Path, result: dict) -> None:
+    """Add the per-fault, window-level and weight-sweep figures; write results.json / .md."""
     result["per_fault_auc"] = per_fault(out)
     result["window_level_auc"] = window_level_auc(out)
     result["weight_sweep"] = weight_sweep(out)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(result))
     print(_markdown(result))
-    return 0 if result["target_met"] else 1
 
 
 def per_fault(out: Path) -> dict:
