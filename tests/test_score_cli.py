@@ -69,6 +69,7 @@ def test_score_cli_csv_on_real_wav(bundle_path, tmp_path, capsys):
         assert float(r["threshold"]) == ref.threshold
     scores = [float(r["score"]) for r in rows]
     assert all(float(r["file_max_score"]) == max(scores) for r in rows)
+    assert all(float(r["file_median_score"]) == pytest.approx(float(np.median(scores)), rel=1e-12) for r in rows)
     assert all(int(r["is_anomaly"]) == (float(r["score"]) > float(r["threshold"])) for r in rows)
     assert "scored 21 window(s) of 1 file(s)" in capsys.readouterr().err
 
@@ -94,6 +95,7 @@ def test_score_cli_json_folder_and_short_file(bundle_path, tmp_path, capsys):
     assert math.isclose(s["duration_s"], 0.25)
     for f in doc["files"]:
         assert f["max_score"] == max(w["score"] for w in f["windows"])
+        assert f["median_score"] == pytest.approx(float(np.median([w["score"] for w in f["windows"]])), rel=1e-12)
         assert set(f["windows"][0]["scores"]) == {"fusion", "stats"}
 
 

@@ -116,6 +116,8 @@ def score_files(detector: Any, files: Sequence[Path], hop_samples: int, *, machi
         results.append({"file": str(path), "machine_type": mtype, "device_id": dev,
                         "duration_s": len(samples) / spec.sample_rate, "n_windows": len(rows),
                         "max_score": best["score"], "max_window": best["window"],
+                        # the clip score of `asd-train evaluate` (median of the window scores)
+                        "median_score": float(np.median([r["score"] for r in rows])),
                         "anomalous_windows": sum(r["is_anomaly"] for r in rows),
                         "is_anomaly": any(r["is_anomaly"] for r in rows), "windows": rows})
     return results
@@ -126,13 +128,14 @@ def to_csv(results: Sequence[dict[str, Any]], model_names: Sequence[str]) -> str
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "window", "start_s", "end_s", "padded", "machine_type", "device_id", "score",
                      *[f"score_{m}" for m in model_names], "threshold", "is_anomaly", "file_max_score",
-                     "file_is_anomaly"])
+                     "file_is_anomaly", "file_median_score"])
     for res in results:
         for r in res["windows"]:
             writer.writerow([r["file"], r["window"], f"{r['start_s']:.6f}", f"{r['end_s']:.6f}", int(r["padded"]),
                              r["machine_type"], r["device_id"], repr(r["score"]),
                              *[repr(r["scores"].get(m, float("nan"))) for m in model_names],
-                             repr(r["threshold"]), int(r["is_anomaly"]), repr(res["max_score"]), int(res["is_anomaly"])])
+                             repr(r["threshold"]), int(r["is_anomaly"]), repr(res["max_score"]), int(res["is_anomaly"]),
+                             repr(res["median_score"])])
     return buf.getvalue()
 
 
