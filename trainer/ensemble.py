@@ -123,6 +123,27 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
+def stage_steps(epochs: int, batches: Batches, max_steps: int) -> int:
+    """Optimiser steps a stage will take (the cosine schedules' length): epochs x batches,
+    capped by ``run.max_steps`` when set."""
+    steps = epochs * len(batches)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def optimise(loss: torch.Tensor, optimizers: list[torch.optim.Optimizer],
+             schedulers: list[torch.optim.lr_scheduler.LRScheduler] = ()) -> float:
+    """One training step: clear gradients, backpropagate, step every optimiser, then every
+    scheduler; returns the loss as a float for the epoch log."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    for sched in schedulers:
+        sched.step()
+    return float(loss.detach())
+
+
 # --------------------------------------------------------------------------------------------
 # Feature helpers
 # --------------------------------------------------------------------------------------------
@@ -210,9 +231,7 @@ def pretrain_simsiam(model: SpectrogramModel, feats: Features, waves: torch.Tens
     cfg = profile.simsiam
     aug = signal_augment_from(profile)
     batches = Batches(len(waves), cfg.batch_size, gen)
-    steps = cfg.epochs * len(batches)
-    if profile.run.max_steps:
-        steps = min(steps, profile.run.max_steps)
+    steps = stage_steps(cfg.epochs, batches, profile.run.max_steps)
     backbone = list(model.encoder.parameters()) + list(model.simsiam.parameters())
     head = list(model.emb_head.parameters()) + list(model.arcface.parameters())
     opt_b = torch.optim.SGD(backbone, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -246,14 +265,7 @@ def pretrain_simsiam(model: SpectrogramModel, feats: Features, waves: torch.Tens
         loss_aux = 0.5 * (arcface_loss(c1, target, model.arcface.s, model.arcface.m)
                           + arcface_loss(c2, target, model.arcface.s, model.arcface.m))
         loss = loss_ss + cfg.aux_weight * loss_aux
-        opt_b.zero_grad(set_to_none=True)
-        opt_h.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_b.step()
-        opt_h.step()
-        sched_b.step()
-        sched_h.step()
-        return float(loss.detach())
+        return optimise(loss, [opt_b, opt_h], [sched_b, sched_h])
 
     report = run_epochs("simsiam", cfg.epochs, batches, step, profile.run.max_steps, progress)
     model.train(False)
@@ -287,10 +299,7 @@ def finetune_contrastive(model: SpectrogramModel, feats: Features, waves: torch.
         loss_c = contrastive_eq6_loss(a, p, n, m=cfg.margin, s=cfg.scale, alpha=cfg.alpha, beta=cfg.beta)
         cos = model.arcface.cosine(model.emb_head(a))
         loss = loss_c + cfg.aux_weight * arcface_loss(cos, labels[idx].to(feats.device), model.arcface.s, model.arcface.m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return optimise(loss, [opt])
 
     report = run_epochs("finetune", cfg.epochs, batches, step, profile.run.max_steps, progress)
     model.train(False)
@@ -306,9 +315,7 @@ def train_timecnn(tcnn: TimeCNN, arcface: ArcFaceHead, waves: torch.Tensor, labe
                   progress: bool = True) -> StageReport:
     cfg = profile.timecnn
     batches = Batches(len(waves), cfg.batch_size, gen)
-    steps = cfg.epochs * len(batches)
-    if profile.run.max_steps:
-        steps = min(steps, profile.run.max_steps)
+    steps = stage_steps(cfg.epochs, batches, profile.run.max_steps)
     opt = torch.optim.AdamW(list(tcnn.parameters()) + list(arcface.parameters()), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = cosine_schedule(opt, steps)
@@ -323,11 +330,7 @@ def train_timecnn(tcnn: TimeCNN, arcface: ArcFaceHead, waves: torch.Tensor, labe
         w = torch.stack([torch.roll(x, int(s)) for x, s in zip(w, shifts)]).to(device)
         emb = tcnn(w)
         loss = arcface_loss(arcface.cosine(emb), labels[idx].to(device), arcface.s, arcface.m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return float(loss.detach())
+        return optimise(loss, [opt], [sched])
 
     report = run_epochs("timecnn", cfg.epochs, batches, step, profile.run.max_steps, progress)
     tcnn.eval()
@@ -353,9 +356,7 @@ def train_fusion(fusion: FusionNet, arcface: ArcFaceHead, freq_emb: torch.Tensor
                  progress: bool = True) -> StageReport:
     cfg = profile.fusion
     batches = Batches(len(labels), cfg.batch_size, gen)
-    steps = cfg.epochs * len(batches)
-    if profile.run.max_steps:
-        steps = min(steps, profile.run.max_steps)
+    steps = stage_steps(cfg.epochs, batches, profile.run.max_steps)
     opt = torch.optim.SGD(list(fusion.parameters()) + list(arcface.parameters()), lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = cosine_schedule(opt, steps)
@@ -365,11 +366,7 @@ def train_fusion(fusion: FusionNet, arcface: ArcFaceHead, freq_emb: torch.Tensor
     def step(idx: torch.Tensor) -> float:
         emb = fusion(freq_emb[idx].to(device), time_emb[idx].to(device))
         loss = arcface_loss(arcface.cosine(emb), labels[idx].to(device), arcface.s, arcface.m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return float(loss.detach())
+        return optimise(loss, [opt], [sched])
 
     report = run_epochs("fusion", cfg.epochs, batches, step, profile.run.max_steps, progress)
     fusion.eval()

@@ -21,7 +21,7 @@ from stream_asd.model.ensemble import AeModel
 from stream_asd.model.networks import AutoencoderConfig
 from stream_asd.model.scoring import AeGroup
 
-from .ensemble import Batches, run_epochs
+from .ensemble import Batches, optimise, run_epochs
 from .profiles import TrainProfile
 from .train_ensemble import device_ids
 
@@ -54,11 +54,7 @@ def train_ae(td, profile: TrainProfile, device: torch.device, gen: torch.Generat
 
         def step(idx: torch.Tensor, x=x, ae=ae, opt=opt) -> float:
             batch = x[idx].to(device)
-            loss = (ae(batch) - batch).square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return float(loss.detach())
+            return optimise((ae(batch) - batch).square().mean(), [opt])
 
         rep = run_epochs(f"ae[{name}]", a.epochs, Batches(len(x), a.batch_size, gen), step,
                          profile.run.max_steps, progress)
