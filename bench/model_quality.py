@@ -136,51 +136,23 @@ def main(argv=None) -> int:
 
 
 def _analyse_and_write(out: Path, result: dict) -> None:
-    """Add the per-fault, window-level and weight-sweep figures; write results.json / .md."""
-    result["per_fault_auc"] = per_fault(out)
-    result["window_level_auc"] = window_level_auc(out)
-    result["weight_sweep"] = weight_sweep(out)
+    """Add the per-fault, window-level and weight-sweep figures; write results.json / .md. Each
+    bundle scores the test split once; every figure comes from those window scores."""
+    scored = {model: _window_parts(out / f"bundle-{model}", out / "data")
+              for model in ("ensemble", "ae") if (out / f"bundle-{model}").exists()}
+    result["per_fault_auc"] = per_fault(scored, out / "data")
+    result["window_level_auc"] = {model: {"mean_auc": round(_type_mean_auc(per_dev, "score"), 4)}
+                                  for model, per_dev in scored.items()}
+    if "ensemble" in scored:
+        result["weight_sweep"] = weight_sweep(scored["ensemble"])
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(result))
     print(_markdown(result))
 
 
-def per_fault(out: Path) -> dict:
-    """AUC of each device's test normals against its anomalies of one fault type, mean over the
-    devices, for every model part (ensemble, fusion, stats; AE), median clip score."""
-    import csv
-
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
-
-    from trainer.evaluate import score_dataset
-
-    data = out / "data"
-    fault = {str(data / r["path"]): r["fault"] for r in csv.DictReader(open(data / "manifest.csv"))}
-    result: dict[str, dict[str, float]] = {}
-    for model in ("ensemble", "ae"):
-        bundle = out / f"bundle-{model}"
-        if not bundle.exists():
-            continue
-        clips = score_dataset(bundle, data, progress=False)
-        parts = {"ensemble" if model == "ensemble" else "ae": lambda c: c.score}
-        if model == "ensemble":
-            parts.update({k: (lambda c, k=k: c.parts[k]) for k in ("fusion", "stats")})
-        for name, get in parts.items():
-            aucs: dict[str, list[float]] = {}
-            for dev in sorted({(c.machine_type, c.machine_id) for c in clips}):
-                mine = [c for c in clips if (c.machine_type, c.machine_id) == dev]
-                normals = [get(c) for c in mine if c.label == 0]
-                for f in FAULTS:
-                    bad = [get(c) for c in mine if c.label == 1 and fault.get(c.path) == f]
-                    if bad and normals:
-                        aucs.setdefault(f, []).append(roc_auc_score([0] * len(normals) + [1] * len(bad), normals + bad))
-            result[name] = {f: round(float(np.mean(v)), 4) for f, v in aucs.items()}
-    return result
-
-
 def _window_parts(bundle: Path, data: Path) -> dict:
-    """Per device: (labels, {part: window scores}) from the runtime detector, one entry per window."""
+    """Per device: {"label", "clip", "score": {part: ...}}, one entry per test window, scored by
+    the runtime detector (part "score" is the model's score; the ensemble adds fusion, stats)."""
     import numpy as np
     import torch
 
@@ -204,51 +176,77 @@ def _window_parts(bundle: Path, data: Path) -> dict:
     return per_dev
 
 
-def _type_mean_auc(per_dev: dict, score_of, clip_score=None) -> float:
-    """Mean over machine types of the mean over ids of the AUC of ``score_of(entry)`` (windows),
-    or of clip scores (``clip_score`` of each clip's windows) when given."""
+def _window_scores(entry: dict, part):
+    """A device's window scores of one part (name) or of a function of the entry (a weighting)."""
+    import numpy as np
+
+    return np.asarray(entry["score"][part] if isinstance(part, str) else part(entry), dtype=np.float64)
+
+
+def _clip_scores(entry: dict, scores, clip_score):
+    """(clip paths, labels, clip scores) of one device from its window scores."""
+    import numpy as np
+
+    clips, labels = np.asarray(entry["clip"]), np.asarray(entry["label"])
+    names = sorted(set(entry["clip"]))
+    return (names, np.asarray([labels[clips == n][0] for n in names]),
+            np.asarray([clip_score(scores[clips == n]) for n in names]))
+
+
+def _type_mean_auc(per_dev: dict, part, clip_score=None) -> float:
+    """Mean over machine types of the mean over ids of the AUC of a part's window scores, or of
+    its clip scores (``clip_score`` of each clip's windows) when given."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     types: dict[str, list[float]] = {}
     for (mtype, _), e in sorted(per_dev.items()):
-        y, sc = np.asarray(e["label"]), np.asarray(score_of(e), dtype=np.float64)
+        y, sc = np.asarray(e["label"]), _window_scores(e, part)
         if clip_score is not None:
-            clips = np.asarray(e["clip"])
-            names = sorted(set(e["clip"]))
-            y = np.asarray([y[clips == n][0] for n in names])
-            sc = np.asarray([clip_score(sc[clips == n]) for n in names])
+            _, y, sc = _clip_scores(e, sc, clip_score)
         types.setdefault(mtype, []).append(roc_auc_score(y, sc))
     return float(np.mean([np.mean(v) for v in types.values()]))
 
 
-def weight_sweep(out: Path, grid=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)) -> dict:
+def per_fault(scored: dict, data: Path) -> dict:
+    """AUC of each device's test normals against its anomalies of one fault type, mean over the
+    devices, for every model part (ensemble, fusion, stats; AE), median clip score."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    fault = {str(data / r["path"]): r["fault"] for r in csv.DictReader(open(data / "manifest.csv"))}
+    result: dict[str, dict[str, float]] = {}
+    for model, per_dev in scored.items():
+        parts = {model: "score", **({"fusion": "fusion", "stats": "stats"} if model == "ensemble" else {})}
+        for name, part in parts.items():
+            aucs: dict[str, list[float]] = {}
+            for e in per_dev.values():
+                names, y, sc = _clip_scores(e, _window_scores(e, part), np.median)
+                kinds = np.asarray([fault.get(n) for n in names])
+                for f in FAULTS:
+                    sel = (y == 0) | (kinds == f)
+                    if (y[sel] == 1).any() and (y[sel] == 0).any():
+                        aucs.setdefault(f, []).append(roc_auc_score(y[sel], sc[sel]))
+            result[name] = {f: round(float(np.mean(v)), 4) for f, v in aucs.items()}
+    return result
+
+
+def weight_sweep(per_dev: dict, grid=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)) -> dict:
     """Ensemble AUC for other (fusion, statistics) weights on the same bundle's standardised
     window scores: window level, clip median, clip mean. For choosing weights on a validation
     set (another seed), never on the benchmark itself."""
     import numpy as np
 
-    per_dev = _window_parts(out / "bundle-ensemble", out / "data")
     rows = []
     for w in grid:
         def mix(e, w=w):
-            return w * np.asarray(e["score"]["fusion"]) + (1 - w) * np.asarray(e["score"]["stats"])
+            return w * _window_scores(e, "fusion") + (1 - w) * _window_scores(e, "stats")
         rows.append({"weight_fusion": w, "window_auc": round(_type_mean_auc(per_dev, mix), 4),
                      "clip_median_auc": round(_type_mean_auc(per_dev, mix, np.median), 4),
                      "clip_mean_auc": round(_type_mean_auc(per_dev, mix, np.mean), 4)})
     return {"rows": rows}
-
-
-def window_level_auc(out: Path) -> dict:
-    """AUC over single windows (each labelled as its clip): what the processor's per-window
-    scores see before the k-of-n alert rule; mean over ids, then over machine types."""
-    result = {}
-    for model in ("ensemble", "ae"):
-        bundle = out / f"bundle-{model}"
-        if bundle.exists():
-            per_dev = _window_parts(bundle, out / "data")
-            result[model] = {"mean_auc": round(_type_mean_auc(per_dev, lambda e: e["score"]["score"]), 4)}
-    return result
 
 
 def _summary(m: dict) -> dict:
