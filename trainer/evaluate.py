@@ -239,11 +239,12 @@ def write_report(clips: Sequence[ScoredClip], out_dir: Path, extra: dict | None 
 # the processor's alert rule (k of n windows): the median exceeds a threshold exactly when most
 # windows do, so one window with a passing noise (a door, a forklift) does not decide the clip.
 CLIP_SCORES = {"median": np.median, "mean": np.mean, "max": np.max}
+DEFAULT_CLIP_SCORE = "median"
 
 
 def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", split: str = "test",
                   device: str = "cpu", batch_size: int = 16, machine_types: Sequence[str] | None = None,
-                  progress: bool = True, clip_score: str = "median") -> list[ScoredClip]:
+                  progress: bool = True, clip_score: str = DEFAULT_CLIP_SCORE) -> list[ScoredClip]:
     """Score every clip of ``split`` with the bundle; a clip's score (and each model's part) is
     the ``clip_score`` (median, mean or max) of its window scores."""
     from stream_asd.model.detector import load_detector
@@ -318,7 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--machine-type", action="append", default=None, help="only these machine types")
-    parser.add_argument("--clip-score", default="median", choices=sorted(CLIP_SCORES),
+    parser.add_argument("--clip-score", default=DEFAULT_CLIP_SCORE, choices=sorted(CLIP_SCORES),
                         help="a clip's score from its window scores (default median: the clip-level form of "
                              "the k-of-n alert rule)")
     parser.add_argument("--no-progress", action="store_true")

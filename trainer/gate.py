@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .evaluate import CLIP_SCORES, DEFAULT_CLIP_SCORE
+
 log = logging.getLogger("trainer.gate")
 
 PSEUDO_KINDS = ("flip", "stack", "tone", "clicks")
@@ -164,9 +166,10 @@ def _windows(wave: np.ndarray, window: int) -> np.ndarray:
 
 
 def score_set(detector: Any, evalset: EvalSet) -> list[tuple[EvalClip, float, float]]:
-    """(clip, median window score, threshold) for every clip the detector has a model group for
-    (median: the clip score ``asd-train evaluate`` uses by default, see trainer.evaluate.CLIP_SCORES)."""
+    """(clip, clip score, threshold) for every clip the detector has a model group for; the clip
+    score is the one ``asd-train evaluate`` uses by default (the median of the window scores)."""
     window = detector.feature_spec.window_samples
+    clip_score = CLIP_SCORES[DEFAULT_CLIP_SCORE]
     out = []
     groups = set(detector.model_groups)
     for c in evalset.clips:
@@ -174,7 +177,7 @@ def score_set(detector: Any, evalset: EvalSet) -> list[tuple[EvalClip, float, fl
             continue
         w = _windows(c.wave, window)
         res = detector.score_windows(w, [c.machine_type] * len(w), [c.device_id] * len(w))
-        out.append((c, float(np.median([r.score for r in res])), float(res[0].threshold)))
+        out.append((c, float(clip_score(np.asarray([r.score for r in res]))), float(res[0].threshold)))
     return out
 
 
