@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from stream_asd.audio.features import FeatureSpec
+from stream_asd.errors import ConfigError
 from stream_asd.model.bundle import ModelBundle
 from stream_asd.model.ensemble import EnsembleConfig, EnsembleModel
 from stream_asd.model.networks import (ArcFaceHead, EmbeddingHead, EncoderConfig, FusionConfig, SimSiamConfig,
                                        SimSiamHead)
 
 from . import ensemble as E
+from .data import load_windows
 from .profiles import TrainProfile
 
 log = logging.getLogger("trainer.fit")
@@ -108,16 +110,12 @@ def scoring_windows(td, profile: TrainProfile):
     that is finer than the training hop. A full-covariance GMM over a 128-d embedding needs many
     more windows than dimensions; the networks do not need the overlap (it would only repeat
     their epochs). Returns (windows, fit mask, calibration mask); a clip stays on its side."""
-    from .data import load_windows
-
     ws = td.train
     f = profile.features
     if not 0 < profile.scoring.fit_hop_fraction <= 1:
-        from stream_asd.errors import ConfigError
-
         raise ConfigError(f"scoring.fit_hop_fraction={profile.scoring.fit_hop_fraction}: use a value in (0, 1], "
                           "e.g. --set scoring.fit_hop_fraction=0.25")
-    window = int(round(f.window_seconds * f.sample_rate))
+    window = ws.waves.shape[-1]
     hop = max(1, int(round(window * profile.scoring.fit_hop_fraction)))
     if hop >= max(1, int(round(window * f.train_hop_fraction))):
         return ws, td.fit_mask, td.calib_mask
