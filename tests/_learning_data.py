@@ -6,6 +6,7 @@ adds a high whine and periodic clicks. Good enough for a tiny model to tell them
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,14 @@ def write_archive(root: Path, *, seconds_per_device: int = 40, segment_seconds: 
             writer.add(_Pending(0, seq, decode_chunk(key, value, headers), 0.0), 0.0)
     writer.flush_all()
     return root
+
+
+def corrupt_bundle_copy(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` with one byte of its weights flipped (its manifest sha256 no longer
+    matches), for the "bad bundle never replaces a good one" checks."""
+    shutil.copytree(bundle, out)
+    w = out / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    return out

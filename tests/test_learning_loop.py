@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import processor_support as ps  # noqa: E402
+from _learning_data import corrupt_bundle_copy  # noqa: E402
 
 from datetime import datetime  # noqa: E402
 
@@ -170,12 +170,7 @@ def test_stream_archive_retrain_publish_hot_swap(tmp_path, kafka_bootstrap):
 
         # a corrupt bundle reaches the registry pointer (bypassing publish): the processor refuses
         # it and goes on scoring with v2
-        corrupt = tmp_path / "corrupt"
-        shutil.copytree(v1_bundle, corrupt)
-        w = corrupt / "weights.safetensors"
-        raw = bytearray(w.read_bytes())
-        raw[len(raw) // 3] ^= 0xFF
-        w.write_bytes(bytes(raw))
+        corrupt = corrupt_bundle_copy(v1_bundle, tmp_path / "corrupt")
         reg = Registry(registry)
         v_bad = reg.put(corrupt, "fleet")
         announce(kafka_bootstrap, t["models"], reg.announcement("fleet", reg.set_current("fleet", v_bad)))

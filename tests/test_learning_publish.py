@@ -5,14 +5,13 @@ scoring); rollback; `asd-train job` end to end on an archive (no broker). Tiny p
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _learning_data import SR, machine_sound, write_archive, write_dataset
+from _learning_data import SR, corrupt_bundle_copy, machine_sound, write_archive, write_dataset
 
 torch = pytest.importorskip("torch")
 
@@ -36,12 +35,7 @@ def bundles(tmp_path_factory):
     fit_s = time.perf_counter() - t
     bad = _fit(bad_data, root / "bad")
     other_spec = _fit(good_data, root / "other-spec", "features.hop_length=200")
-    corrupt = root / "corrupt"
-    shutil.copytree(good, corrupt)
-    w = corrupt / "weights.safetensors"
-    data = bytearray(w.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    w.write_bytes(bytes(data))
+    corrupt = corrupt_bundle_copy(good, root / "corrupt")
     archive = write_archive(root / "archive")
     print(f"tiny fit: {fit_s:.1f} s")
     return {"good": good, "bad": bad, "other_spec": other_spec, "corrupt": corrupt, "good_data": good_data,
