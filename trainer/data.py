@@ -98,18 +98,14 @@ def load_wave(path: str | Path, sample_rate: int) -> torch.Tensor:
 
 
 def window_wave(wave: torch.Tensor, window: int, hop: int | None = None) -> torch.Tensor:
-    """Cut a 1-D wave into windows (n, window). A clip shorter than one window is padded by
-    repeating itself (circularly), so every clip yields at least one window; a tail shorter
-    than a hop is dropped unless it is the only content. Same rule as offline scoring."""
-    hop = hop or window
-    n = wave.shape[-1]
-    if n == 0:
+    """Cut a 1-D wave into windows (n, window) with the runtime's rule
+    (``stream_asd.model.windows.iter_windows``): complete windows every ``hop`` samples, a clip
+    shorter than one window repeated to fill one. The same windows as streaming and scoring."""
+    from stream_asd.model.windows import iter_windows
+
+    if wave.shape[-1] == 0:
         raise DatasetLayoutError("empty audio clip")
-    if n < window:
-        reps = -(-window // n)
-        return wave.repeat(reps)[:window].unsqueeze(0)
-    starts = list(range(0, n - window + 1, hop))
-    return torch.stack([wave[s:s + window] for s in starts])
+    return torch.from_numpy(np.stack([w.samples for w in iter_windows(wave.numpy(), window, hop or window)]))
 
 
 @dataclass

@@ -158,11 +158,10 @@ def labelled_eval_set(data: str | Path, sample_rate: int, *, layout: str = "auto
 
 
 def _windows(wave: np.ndarray, window: int) -> np.ndarray:
-    if wave.shape[0] < window:
-        reps = -(-window // max(1, wave.shape[0]))
-        return np.tile(wave, reps)[:window][None, :]
-    n = wave.shape[0] // window
-    return wave[: n * window].reshape(n, window)
+    """Back-to-back windows with the runtime's rule (one padding rule everywhere)."""
+    from stream_asd.model.windows import iter_windows
+
+    return np.stack([w.samples for w in iter_windows(wave, window, window)])
 
 
 def score_set(detector: Any, evalset: EvalSet) -> list[tuple[EvalClip, float, float]]:

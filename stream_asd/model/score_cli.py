@@ -4,7 +4,7 @@
 
 Files of any length are cut into windows exactly as the stream processor cuts a device's stream
 (``stream_asd.model.windows``: window = the bundle's FeatureSpec window, hop configurable; a file
-shorter than one window is zero-padded and flagged ``padded``), scored in batches, and written
+shorter than one window is repeated to fill one and flagged ``padded``), scored in batches, and written
 one row per window (file, window index, start/end, score, per-model scores, threshold,
 is_anomaly) plus each file's maximum. Folders are searched recursively for .wav/.flac.
 

@@ -5,7 +5,11 @@ offline get the same score.
 Window k covers samples ``[k * hop, k * hop + window)`` of the signal (of the device's stream,
 counted from its first sample). Only complete windows are produced; the tail after the last
 complete window is left for later (the stream) or unscored (a file). A signal shorter than one
-window yields a single window, zero-padded at the end and flagged ``padded``.
+window yields a single window, padded by repeating the signal (circularly) and flagged
+``padded``. :func:`pad_to_window` is the project's one padding rule (training windows, the
+quality gate, ``asd-train evaluate``, ``stream-asd score``): repeating is what a looping replay
+of the clip streams, so a streamed short clip and the clip scored offline give the same window;
+zeros would add a silence the model never heard in training (an anomaly by itself).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["WindowSlice", "window_starts", "iter_windows", "hop_samples_for"]
+__all__ = ["WindowSlice", "window_starts", "iter_windows", "hop_samples_for", "pad_to_window"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class WindowSlice:
     index: int           # k
     start: int           # first sample (inclusive)
     end: int             # start + window_samples (may exceed the signal when padded)
-    padded: bool         # True when zeros were appended (signal shorter than a window)
+    padded: bool         # True when the signal was shorter than a window (repeated to fill it)
     samples: np.ndarray  # (window_samples,) float32
 
     def start_seconds(self, sample_rate: int) -> float:
@@ -48,6 +52,18 @@ def window_starts(n_samples: int, window_samples: int, hop_samples: int) -> list
     return list(range(0, n_samples - window_samples + 1, hop_samples))
 
 
+def pad_to_window(samples: np.ndarray, window_samples: int) -> np.ndarray:
+    """A signal shorter than a window, repeated circularly to exactly one window (float32)."""
+    x = np.asarray(samples, dtype=np.float32)
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError("cannot pad an empty signal to a window")
+    if n >= window_samples:
+        return np.ascontiguousarray(x[..., :window_samples])
+    reps = -(-window_samples // n)
+    return np.ascontiguousarray(np.tile(x, reps)[..., :window_samples])
+
+
 def iter_windows(samples: np.ndarray, window_samples: int, hop_samples: int) -> Iterator[WindowSlice]:
     """Yield the windows of a mono signal (1-D array), as float32 copies."""
     x = np.asarray(samples)
@@ -56,9 +72,7 @@ def iter_windows(samples: np.ndarray, window_samples: int, hop_samples: int) -> 
     n = x.shape[0]
     for k, start in enumerate(window_starts(n, window_samples, hop_samples)):
         if n < window_samples:
-            w = np.zeros(window_samples, dtype=np.float32)
-            w[:n] = x
-            yield WindowSlice(k, 0, window_samples, True, w)
+            yield WindowSlice(k, 0, window_samples, True, pad_to_window(x, window_samples))
         else:
             yield WindowSlice(k, start, start + window_samples, False,
                               np.ascontiguousarray(x[start:start + window_samples], dtype=np.float32))
