@@ -94,9 +94,9 @@ def check_output(out: Path, force: bool) -> None:
 
 @dataclass
 class TrainingData:
-    train: WindowSet          # every training normal window (networks)
-    fit_mask: torch.Tensor    # windows whose clips fit the GMMs
-    calib_mask: torch.Tensor  # held-out windows: standardisation check + thresholds
+    train: WindowSet          # every training normal window
+    fit_mask: torch.Tensor    # windows of the fit clips: networks, normaliser, GMMs
+    calib_mask: torch.Tensor  # held-out clips' windows: standardisation + thresholds only
     clips_info: dict = field(default_factory=dict)
 
 

@@ -45,7 +45,10 @@ def build_model(profile: TrainProfile, spec: FeatureSpec) -> EnsembleModel:
 
 def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.Generator, seed: int,
                    progress: bool) -> tuple[ModelBundle, dict[str, Any]]:
-    ws = td.train
+    # Every network stage and the normaliser learn from the fit clips only: the held-out
+    # calibration clips must stay unseen until the thresholds are set on them, or thresholds
+    # come out too low and unseen normals alarm more often than the quantile promises.
+    ws = td.train.subset(td.fit_mask)
     n_classes = len(ws.classes)
     spec = feature_spec(profile)
     model = build_model(profile, spec).to(device)
@@ -99,7 +102,7 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
                    "groups": {k: g.info for k, g in groups.items()}})
 
     report = {"model": "ensemble", "profile": profile.to_dict(), "seed": seed, "classes": [list(c) for c in ws.classes],
-              "stages": stages, "n_windows": len(ws)}
+              "stages": stages, "n_windows": len(ws), "n_calibration_windows": int(td.calib_mask.sum())}
     bundle = model.to("cpu").to_bundle(groups)
     return bundle, report
 
