@@ -110,13 +110,27 @@ class ScoringSettings:
     gmm_reg_covar: float = 1e-4
     weight_fusion: float = 0.9
     weight_stats: float = 0.1
-    threshold_quantile: float = 0.99
+    # per-window quantile of held-out normal scores the thresholds sit at; 0 (default): derived
+    # from alerts.max_false_alerts_per_device_day through the alert rule (stream_asd/model/alert_rate.py)
+    threshold_quantile: float = 0.0
     min_device_windows: int = 50   # per-device threshold once a device has this many normal windows
     stats_log: bool = True         # statistics GMM on log10(lambda * band means) (DEVIATION 8, docs/model.md)
     device_gmm_min_windows: int = 40  # own GMM pair per device with this many fit windows (0: type GMMs only)
     # hop (fraction of the window) of the windows the GMMs and thresholds are fitted on; finer
     # than features.train_hop_fraction gives the 128-d full covariance more (overlapping) windows
     fit_hop_fraction: float = 1.0
+
+
+@dataclass
+class AlertSettings:
+    """The operator's false-alarm target and the processor's alert rule it is met under; the
+    thresholds' quantile comes from these (docs/alerting.md). Keep k, n and the hop equal to the
+    processor's ``alerts.k``, ``alerts.n`` and ``window.hop_seconds``."""
+
+    max_false_alerts_per_device_day: float = 0.1
+    k: int = 3
+    n: int = 5
+    hop_seconds: float = 0.0      # 0: half a window (the processor's default: 10 s windows, 5 s hop)
 
 
 @dataclass
@@ -155,6 +169,7 @@ class TrainProfile:
     timecnn: TimeCNNSettings = field(default_factory=TimeCNNSettings)
     fusion: FusionSettings = field(default_factory=FusionSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     ae: AESettings = field(default_factory=AESettings)
     run: RunSettings = field(default_factory=RunSettings)
 
@@ -176,6 +191,32 @@ class TrainProfile:
                 raise ConfigError(f"unknown profile setting {path!r}: {section_name} has {', '.join(types)}")
             setattr(section, key, _convert(getattr(section, key), value, path))
         return out
+
+
+def alert_rule(profile: TrainProfile):
+    """The processor's alert rule these thresholds are calibrated for."""
+    from stream_asd.model.alert_rate import AlertRule
+
+    a, window = profile.alerts, profile.features.window_seconds
+    return AlertRule(k=a.k, n=a.n, window_s=window, hop_s=a.hop_seconds or window / 2)
+
+
+def threshold_calibration(profile: TrainProfile) -> dict[str, Any]:
+    """The per-window quantile for the thresholds and what it promises: the operator's target
+    through the alert rule, or ``scoring.threshold_quantile`` when set explicitly."""
+    from stream_asd.model.alert_rate import exceedance_for_target, false_alerts_per_day
+
+    rule = alert_rule(profile)
+    target = profile.alerts.max_false_alerts_per_device_day
+    q = profile.scoring.threshold_quantile
+    if q and not 0 < q < 1:
+        raise ConfigError(f"scoring.threshold_quantile={q}: use a value in (0, 1), or 0 to derive it from "
+                          "alerts.max_false_alerts_per_device_day")
+    p = (1.0 - q) if q else exceedance_for_target(target, rule)
+    return {"quantile": 1.0 - p, "window_exceedance": p, "alert_rule": rule.to_dict(),
+            "target_false_alerts_per_device_day": None if q else target,
+            "predicted_false_alerts_per_device_day": false_alerts_per_day(p, rule),
+            "from": "scoring.threshold_quantile" if q else "alerts.max_false_alerts_per_device_day"}
 
 
 def _parse_pairs(pairs: list[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from stream_asd.model.networks import AutoencoderConfig
 from stream_asd.model.scoring import AeGroup
 
 from .ensemble import Batches, optimise, run_epochs
-from .profiles import TrainProfile
+from .profiles import TrainProfile, threshold_calibration
 from .train_ensemble import device_ids
 
 log = logging.getLogger("trainer.fit")
@@ -69,6 +69,7 @@ def train_ae(td, profile: TrainProfile, device: torch.device, gen: torch.Generat
                             for i in range(0, len(ws), 64)]).double().numpy()
     devs = np.array(device_ids(ws))
     sc = profile.scoring
+    target = threshold_calibration(profile)
     groups = {}
     for name in names:
         g = AeGroup(name, model.group_index(name))
@@ -76,8 +77,9 @@ def train_ae(td, profile: TrainProfile, device: torch.device, gen: torch.Generat
         sel_cal = (types == name) & ~fit_np
         g.fit_standardisation(errors[sel_fit])
         use = sel_cal if sel_cal.sum() >= 10 else sel_fit
-        g.calibrate(errors[use], devs[use].tolist(), sc.threshold_quantile,
+        g.calibrate(errors[use], devs[use].tolist(), target["quantile"],
                     max(1, int(sc.min_device_windows * use.sum() / max(1, (types == name).sum()))))
+        g.thresholds.calibration.update(target)
         g.info.update({"n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
                        "thresholds_from": "held-out normals" if use is sel_cal else "training normals"})
         groups[name] = g

@@ -19,7 +19,7 @@ from stream_asd.model.networks import (ArcFaceHead, EmbeddingHead, EncoderConfig
 
 from . import ensemble as E
 from .data import load_windows
-from .profiles import TrainProfile
+from .profiles import TrainProfile, threshold_calibration
 
 log = logging.getLogger("trainer.fit")
 
@@ -137,6 +137,7 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
     from stream_asd.model.scoring import EnsembleGroup
 
     sc = profile.scoring
+    target = threshold_calibration(profile)
     types = np.array(ws.machine_types)
     devs = np.array(device_ids(ws))
     fit_np, cal_np = fit_mask.numpy(), calib_mask.numpy()
@@ -151,12 +152,16 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
         min_dev = max(10, int(round(sc.min_device_windows * share)))
         g = EnsembleGroup.fit(
             mtype, fusion_emb[sel_fit], band_means[sel_fit], None, devs[sel_fit].tolist(),
-            weights=(sc.weight_fusion, sc.weight_stats), quantile=sc.threshold_quantile,
+            weights=(sc.weight_fusion, sc.weight_stats), quantile=target["quantile"],
             min_device_windows=min_dev, reg_covar=sc.gmm_reg_covar, max_iter=sc.gmm_max_iter,
             calib_fusion=fusion_emb[sel_cal] if held_out else None,
             calib_band_means=band_means[sel_cal] if held_out else None,
             calib_device_ids=devs[sel_cal].tolist() if held_out else None,
             stats_log=sc.stats_log, per_device_min_windows=sc.device_gmm_min_windows or None)
+        if not held_out:
+            log.warning("group %s: only %d held-out windows; thresholds from training normals come out too low "
+                        "(more clips per device fix this)", mtype, sel_cal.sum())
+        g.thresholds.calibration.update(target)
         g.info.update({"thresholds_from": "held-out normals" if held_out else "training normals",
                        "n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
                        "devices": sorted(set(devs[types == mtype].tolist()))})

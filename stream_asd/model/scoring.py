@@ -203,6 +203,26 @@ def quantile_threshold(scores: Any, q: float = DEFAULT_QUANTILE) -> float:
     return float(np.quantile(s, q))
 
 
+#: the empirical quantile is used only when at least this many windows are expected beyond it;
+#: with fewer the sample cannot say where a 0.999 quantile lies
+MIN_TAIL_WINDOWS = 5
+
+
+def extreme_quantile(scores: Any, q: float) -> tuple[float, str]:
+    """The q-quantile of normal scores and how it was estimated. A high quantile from few
+    windows (fewer than ``MIN_TAIL_WINDOWS`` expected beyond it) is extrapolated with a Gaussian
+    fitted to the scores, and never set below the empirical quantile: the thresholds of an
+    operator's false-alarm target are often at 0.995-0.999, from a few hundred held-out windows."""
+    from statistics import NormalDist
+
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    emp = quantile_threshold(s, q)
+    if q >= 1 or s.size < 3 or s.size * (1 - q) >= MIN_TAIL_WINDOWS:
+        return emp, "empirical"
+    gauss = float(s.mean() + NormalDist().inv_cdf(q) * s.std(ddof=1))
+    return max(emp, gauss), "gaussian tail"
+
+
 def device_quantile_thresholds(scores: Any, device_ids: Sequence[str], q: float = DEFAULT_QUANTILE,
                                min_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> dict[str, float]:
     """Per-device q-quantile, only for devices with at least ``min_windows`` normal scores."""
@@ -214,7 +234,7 @@ def device_quantile_thresholds(scores: Any, device_ids: Sequence[str], q: float 
     for dev in sorted(set(ids.tolist())):
         sel = s[ids == dev]
         if sel.size >= min_windows:
-            out[dev] = quantile_threshold(sel, q)
+            out[dev] = extreme_quantile(sel, q)[0]
     return out
 
 
@@ -226,6 +246,9 @@ class Thresholds:
     per_device: dict[str, float] = field(default_factory=dict)
     quantile: float = DEFAULT_QUANTILE
     min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS
+    # how the quantile was chosen and what it promises (false-alarm target, alert rule,
+    # predicted rate; trainer), plus the estimation method and window count: JSON only
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def calibrate(cls, normal_scores: Any, device_ids: Sequence[str] | None = None,
@@ -233,19 +256,23 @@ class Thresholds:
                   min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> "Thresholds":
         per_device = ({} if device_ids is None else
                       device_quantile_thresholds(normal_scores, device_ids, quantile, min_device_windows))
-        return cls(quantile_threshold(normal_scores, quantile), per_device, quantile, min_device_windows)
+        group, method = extreme_quantile(normal_scores, quantile)
+        n = int(np.asarray(normal_scores).size)
+        return cls(group, per_device, quantile, min_device_windows, {"method": method, "n_windows": n})
 
     def for_device(self, device_id: str) -> float:
         return self.per_device.get(str(device_id), self.group)
 
     def to_meta(self) -> dict[str, Any]:
         return {"group": _json_float(self.group), "per_device": {k: _json_float(v) for k, v in sorted(self.per_device.items())},
-                "quantile": self.quantile, "min_device_windows": self.min_device_windows}
+                "quantile": self.quantile, "min_device_windows": self.min_device_windows,
+                "calibration": dict(self.calibration)}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> "Thresholds":
         return cls(_float_json(meta["group"]), {str(k): _float_json(v) for k, v in meta.get("per_device", {}).items()},
-                   float(meta.get("quantile", DEFAULT_QUANTILE)), int(meta.get("min_device_windows", DEFAULT_MIN_DEVICE_WINDOWS)))
+                   float(meta.get("quantile", DEFAULT_QUANTILE)), int(meta.get("min_device_windows", DEFAULT_MIN_DEVICE_WINDOWS)),
+                   dict(meta.get("calibration", {})))
 
 
 def _json_float(v: float) -> float | str:
