@@ -82,12 +82,18 @@ R_BAD_RECORD = "bad_record"
 R_BAD_CHUNK_LENGTH = "wrong_chunk_length"  # sample count differs from audio.chunk_seconds
 R_UNKNOWN_MACHINE_TYPE = "unknown_machine_type"  # the model bundle has no model for it
 R_PROCESSING_ERROR = "processing_error"  # unexpected error handling this message (a bug)
+R_INT_RANGE = "integer_out_of_range"  # an integer header does not fit in int64
 REASONS = (
     R_MISSING_KEY, R_KEY_MISMATCH, R_MISSING_HEADER, R_BAD_HEADER, R_UNKNOWN_SCHEMA,
     R_BAD_ENCODING, R_BAD_SAMPLE_RATE, R_BAD_CHANNELS, R_EMPTY, R_TRUNCATED, R_OVERSIZE,
     R_NON_FINITE, R_BAD_JSON, R_BAD_RECORD, R_BAD_CHUNK_LENGTH, R_UNKNOWN_MACHINE_TYPE,
-    R_PROCESSING_ERROR,
+    R_PROCESSING_ERROR, R_INT_RANGE,
 )
+# Integer headers (seq, capture time, sample rate, channels) are int64 on every reader.
+INT64_MAX = (1 << 63) - 1
+# Longest digit string that may still be an int64 (19 digits, plus a sign).
+_INT_MAX_CHARS = len(str(INT64_MAX)) + 1
+DETAIL_MAX_CHARS = 300  # exception text kept in a processing_error detail
 
 HeaderList = Sequence[tuple[str, bytes | str | None]]
 
@@ -187,6 +193,8 @@ def encode_chunk(header: ChunkHeader, pcm: np.ndarray, *,
         raise WireFormatError(R_BAD_CHANNELS, f"header says {header.channels} channels; chunks are mono")
     if header.seq < 0 or header.capture_ns < 0:
         raise WireFormatError(R_BAD_HEADER, f"seq ({header.seq}) and capture_ns ({header.capture_ns}) must be >= 0")
+    if header.seq > INT64_MAX or header.capture_ns > INT64_MAX:
+        raise WireFormatError(R_INT_RANGE, f"seq ({header.seq}) and capture_ns ({header.capture_ns}) must fit in int64")
     if pcm.size == 0:
         raise WireFormatError(R_EMPTY, "no samples to send")
     if pcm.nbytes > max_bytes:
@@ -231,8 +239,12 @@ def _int(h: dict[str, bytes], name: str, minimum: int = 0) -> int:
     text = _text(h, name)
     # ASCII digits only: int() would also take ' 7', '+7', '1_000' and non-ASCII digits.
     if not _INT_RE.fullmatch(text):
-        raise WireFormatError(R_BAD_HEADER, f"header {name!r}={text!r} is not an integer")
+        raise WireFormatError(R_BAD_HEADER, f"header {name!r}={text[:40]!r} is not an integer")
+    if len(text) > _INT_MAX_CHARS:  # before int(): it raises a plain ValueError past 4,300 digits
+        raise WireFormatError(R_INT_RANGE, f"header {name!r} has {len(text)} digits; an int64 has at most 19")
     value = int(text, 10)
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise WireFormatError(R_INT_RANGE, f"header {name!r}={value} does not fit in int64")
     if value < minimum:
         raise WireFormatError(R_BAD_HEADER, f"header {name!r}={value} is below {minimum}")
     return value
@@ -246,7 +258,30 @@ def decode_chunk(
     expected_sample_rate: int | None = DEFAULT_SAMPLE_RATE,
     max_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> AudioChunk:
-    """Validate and decode one ``asd.audio`` message. Raises :class:`WireFormatError`."""
+    """Validate and decode one ``asd.audio`` message. Raises :class:`WireFormatError` and
+    nothing else: any other exception becomes ``processing_error``, so a caller that
+    dead-letters WireFormatError never lets one odd message crash it."""
+    try:
+        return _decode_chunk(key, value, headers, expected_sample_rate, max_bytes)
+    except WireFormatError:
+        raise
+    except Exception as exc:
+        raise processing_error(exc) from exc
+
+
+def processing_error(exc: BaseException) -> WireFormatError:
+    """An unexpected exception as a ``processing_error`` (class name and bounded message)."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the error it describes
+        text = "<unprintable>"
+    if len(text) > DETAIL_MAX_CHARS:
+        text = text[:DETAIL_MAX_CHARS] + "..."
+    return WireFormatError(R_PROCESSING_ERROR, f"{type(exc).__name__}: {text}")
+
+
+def _decode_chunk(key: bytes | str | None, value: bytes | None, headers: HeaderList | Mapping[str, Any] | None,
+                  expected_sample_rate: int | None, max_bytes: int) -> AudioChunk:
     h = _header_map(headers)
     if H_SCHEMA not in h:
         raise WireFormatError(R_MISSING_HEADER, f"header {H_SCHEMA!r} is missing: not a stream-asd audio chunk")
@@ -254,7 +289,7 @@ def decode_chunk(
     try:
         version = int(version_text)
     except ValueError:
-        raise WireFormatError(R_UNKNOWN_SCHEMA, f"schema version {version_text!r} is not a number") from None
+        raise WireFormatError(R_UNKNOWN_SCHEMA, f"schema version {version_text[:40]!r} is not a number") from None
     if version not in SUPPORTED_CHUNK_VERSIONS:
         raise WireFormatError(
             R_UNKNOWN_SCHEMA,

@@ -17,7 +17,7 @@ from stream_asd.config import load_settings  # noqa: E402
 from stream_asd.metrics import ProcessorMetrics  # noqa: E402
 from stream_asd.processor.pipeline import StreamProcessor  # noqa: E402
 from stream_asd.processor.runner import ModelRunner  # noqa: E402
-from stream_asd.wire import ScoreRecord  # noqa: E402
+from stream_asd.wire import H_CAPTURE_NS, H_DLQ_DETAIL, H_DLQ_REASON, ScoreRecord  # noqa: E402
 
 TP = ("asd.audio", 0)
 
@@ -42,13 +42,14 @@ class FakeBroker:
         return [s for s in self.sent if s[0] == topic]
 
 
-def make(detector=None):
+def make(detector=None, clock=None):
     settings = load_settings(None, {"audio": {"chunk_seconds": 1.0}, "window": {"seconds": 4, "hop_seconds": 2},
                                     "batch": {"max_size": 8, "max_wait_ms": 0}})
     metrics = ProcessorMetrics(CollectorRegistry())
     runner = ModelRunner(detector or ps.RmsDetector(), metrics, window_samples=4 * ps.SR)
     broker = FakeBroker()
-    return StreamProcessor(settings, runner, broker.send, metrics), broker
+    kw = {"clock": clock} if clock is not None else {}
+    return StreamProcessor(settings, runner, broker.send, metrics, **kw), broker
 
 
 async def settle(proc):
@@ -133,3 +134,93 @@ def test_swap_detector_between_batches_and_reject_unfit():
     assert proc.runner.version == "rms-2"
     _, res = proc.runner.score(np.zeros((1, 4 * ps.SR), np.float32), ["fan"], ["d"])
     assert res[0].score == 0.0
+
+
+def dlq_reasons(broker) -> list[tuple[str, str]]:
+    out = []
+    for _, _, _, headers, _ in broker.of("asd.audio.dlq"):
+        h = dict(headers)
+        out.append((h[H_DLQ_REASON].decode(), h[H_DLQ_DETAIL].decode()))
+    return out
+
+
+def test_huge_integer_header_is_dead_lettered_and_its_offset_done():
+    """Issue 11: a 5,000-digit ce_capturens made decode_chunk raise a plain ValueError, which
+    crashed the handler: no dead letter, offset pinned for good."""
+    async def main():
+        proc, broker = make()
+        m = ps.fleet(1, faulty=())[0]
+        for seq in range(4):  # offsets 0..3: window [0,4)
+            await proc.on_message(TP, seq, *ps.chunk_message(m, seq))
+        key, value, headers = ps.chunk_message(m, 4)
+        poison = [(k, b"7" * 5000 if k == H_CAPTURE_NS else v) for k, v in headers]
+        await proc.on_message(TP, 4, key, value, poison)  # must not raise
+        for seq in range(4, 6):  # the device goes on: offsets 5, 6 are seqs 4, 5
+            await proc.on_message(TP, seq + 1, *ps.chunk_message(m, seq))
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        assert [r for r, _ in dlq_reasons(broker)] == ["integer_out_of_range"]
+        assert broker.of("asd.audio.dlq")[0][2] == value  # original bytes kept
+        # windows [0,4) and [2,6) scored: chunks 0..3 and the dead letter (offset 4) are done
+        assert proc.commits_due() == {TP: 5}
+
+    asyncio.run(main())
+
+
+class BrokenGroups:
+    """A model_groups whose membership test fails: a bug in the check after decoding."""
+
+    def __iter__(self):
+        return iter(("fan", "pump"))
+
+    def __contains__(self, item):
+        raise RuntimeError("groups table is broken " + "x" * 5000)
+
+
+def test_unexpected_error_while_validating_is_dead_lettered_not_raised():
+    async def main():
+        det = ps.RmsDetector()
+        det.model_groups = BrokenGroups()
+        proc, broker = make(det)
+        m = ps.fleet(1, faulty=())[0]
+        await proc.on_message(TP, 0, *ps.chunk_message(m, 0))  # must not raise
+        await settle(proc)
+        assert proc.commits_due() == {TP: 0}  # the dead letter is not acknowledged yet
+        broker.ack_all()
+        await settle(proc)
+        [(reason, detail)] = dlq_reasons(broker)
+        assert reason == "processing_error" and detail.startswith("RuntimeError: groups table is broken")
+        assert len(detail) < 400  # the exception text is bounded
+        assert proc.metrics.dlq.labels(reason="processing_error")._value.get() == 1
+        assert proc.commits_due() == {TP: 1}
+
+    asyncio.run(main())
+
+
+def test_stray_of_an_evicted_device_does_not_pin_the_offset():
+    """Issue 11: a far-behind chunk held at idle eviction was never marked done, so the
+    partition's commit point stayed below it for good."""
+    async def main():
+        now = [0.0]
+        proc, broker = make(clock=lambda: now[0])
+        m = ps.fleet(1, faulty=())[0]
+        offset = 0
+        for seq in range(20, 32):  # offsets 0..11; windows [20,24) .. [28,32) are complete
+            await proc.on_message(TP, offset, *ps.chunk_message(m, seq))
+            offset += 1
+        await proc.on_message(TP, offset, *ps.chunk_message(m, 0))  # offset 12: far behind seq 31, held
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        assert proc.commits_due() == {TP: 10}  # seqs 30, 31 wait for window [30,34)
+        now[0] = proc.settings.window.idle_evict_seconds + 1.0
+        await proc.maintenance()  # the device is evicted: [30,34) skipped, the stray is late
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        assert len(proc.assembler) == 0
+        assert proc.commits_due() == {TP: 13}
+        assert proc.metrics.chunks_late._value.get() == 1
+
+    asyncio.run(main())

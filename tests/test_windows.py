@@ -141,11 +141,27 @@ def test_single_far_late_chunk_is_a_stray_not_a_reset():
     assert r.late_strays == 1 and ("d1", 3) in r.released and [w.first_seq for w in r.windows] == [44]
 
 
+def test_idle_eviction_releases_held_strays():
+    """Issue 11: a far-behind chunk still held when its device is evicted is released at once
+    (late), not parked where no caller drains it (its offset would stay pinned)."""
+    a = assembler(idle_evict_seconds=5.0)
+    feed(a, range(40, 47), now=0.0)  # window 44 [44,48) open with 44, 45, 46
+    _, rel, _ = feed(a, [3], now=1.0)
+    assert rel == []  # held: a stray or the start of a seq reset
+    r = a.evict_idle(now=10.0)
+    assert [(w.first_seq, w.skip_reason) for w in r.windows] == [(44, SKIP_EVICTED), (46, SKIP_EVICTED)]
+    assert r.released == [("d1", 3)] and r.late_strays == 1
+    assert sorted(x[1] for w in r.windows for x in w.releases) == [44, 45, 46]
+    assert len(a) == 0
+
+
 def test_idle_eviction_skips_open_windows():
     a = assembler(idle_evict_seconds=5.0)
     feed(a, range(7), now=0.0)  # windows 0,2 scored; window 4 [4,8) open with 4,5,6
     feed(a, range(3), device="d2", now=4.0)
-    evicted = a.evict_idle(now=6.0)
+    r = a.evict_idle(now=6.0)
+    evicted = r.windows
+    assert r.released == [] and r.late_strays == 0
     # window 4 [4,8) holds 4,5,6 and window 6 [6,10) holds 6: both skipped, all chunks released
     assert [(w.device_id, w.first_seq, w.skip_reason) for w in evicted] == [("d1", 4, SKIP_EVICTED),
                                                                             ("d1", 6, SKIP_EVICTED)]
@@ -179,8 +195,9 @@ def test_random_shuffles_account_for_every_chunk(seed):
         if s in seqs:
             seqs.insert(rng.randrange(seqs.index(s) + 1, len(seqs) + 1), s)
     out, released, _ = feed(a, seqs)
-    out += a.evict_idle(now=1e9)
-    refs = [r for w in out for r in w.releases] + released + a.stray_refs
+    evicted = a.evict_idle(now=1e9)
+    out += evicted.windows
+    refs = [r for w in out for r in w.releases] + released + evicted.released
     fed = [("d1", s) for s in seqs]
     assert sorted(refs) == sorted(fed)  # every copy of every chunk is released exactly once
     for w in out:

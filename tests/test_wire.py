@@ -184,6 +184,81 @@ def test_garbage_header_bytes(msg):
     assert reason_of(key, value, set_header(headers, "ce_machinetype", b"")) == "bad_header"
 
 
+@pytest.mark.parametrize("name", ["ce_capturens", "ce_seq", "ce_samplerate", "ce_channels"])
+def test_huge_integer_header_is_a_wire_error_not_a_value_error(msg, name):
+    # 5,000 digits: past Python's int-string limit (4,300), int() raises a plain ValueError
+    key, value, headers = msg
+    with pytest.raises(WireFormatError) as info:
+        decode_chunk(key, value, set_header(headers, name, b"7" * 5000))
+    assert info.value.reason == "integer_out_of_range" and name in info.value.detail
+    assert len(str(info.value)) < 200  # the detail does not carry the digits
+
+
+@pytest.mark.parametrize("name", ["ce_capturens", "ce_seq"])
+def test_integer_headers_must_fit_in_int64(msg, name):
+    key, value, headers = msg
+    top = str(2**63 - 1).encode()
+    assert getattr(decode_chunk(key, value, set_header(headers, name, top)).header,
+                   "seq" if name == "ce_seq" else "capture_ns") == 2**63 - 1
+    for text in (str(2**63).encode(), b"9" * 19, b"1" + b"0" * 20, str(-2**63 - 1).encode()):
+        assert reason_of(key, value, set_header(headers, name, text)) == "integer_out_of_range", text
+    assert reason_of(key, value, set_header(headers, name, b"-1")) == "bad_header"  # in range, below 0
+
+
+def test_unexpected_failure_in_decoding_becomes_processing_error(msg):
+    key, value, headers = msg
+    odd = [(k, 1.5 if k == "ce_seq" else v) for k, v in headers]  # bytes(1.5) raises TypeError
+    with pytest.raises(WireFormatError) as info:
+        decode_chunk(key, value, odd)
+    assert info.value.reason == "processing_error" and info.value.detail.startswith("TypeError: ")
+
+
+def test_processing_error_detail_is_bounded():
+    err = wire.processing_error(RuntimeError("x" * 100_000))
+    assert err.reason == "processing_error" and err.detail.startswith("RuntimeError: xxx")
+    assert len(err.detail) <= wire.DETAIL_MAX_CHARS + 40
+
+
+def _header_value():
+    from hypothesis import strategies as st
+
+    digits = st.text(alphabet="0123456789", min_size=1, max_size=30)
+    return st.one_of(
+        st.binary(max_size=40),
+        digits.map(str.encode),
+        digits.map(lambda d: b"-" + d.encode()),
+        st.integers(min_value=-(2**70), max_value=2**70).map(lambda i: str(i).encode()),
+        # around int64 and past int()'s 4,300-digit limit (integers() alone favours short ones)
+        st.sampled_from([19, 20, 4300, 4301, 5000]).map(lambda n: b"9" * n),
+        st.sampled_from([b"", b"1", b"16000", b"pcm_s16le", b"fan-00", b"\xff\xfe", "\u0661".encode()]),
+    )
+
+
+def test_decode_on_arbitrary_header_bytes_raises_only_wire_errors():
+    """Property: whatever the header bytes, decode_chunk returns a chunk or raises
+    WireFormatError with a known reason, never another exception and never processing_error
+    (every way a header can be wrong has its own reason)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    key, value, headers = encode_chunk(make_header(), pcm_1s())
+    names = [k for k, _ in headers]
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(changes=st.dictionaries(st.sampled_from(names), st.one_of(st.none(), _header_value()), max_size=len(names)),
+           extra=st.lists(st.tuples(st.text(max_size=12), st.binary(max_size=20)), max_size=3))
+    def check(changes, extra):
+        hs = [(k, changes.get(k, v)) for k, v in headers if not (k in changes and changes[k] is None)] + extra
+        try:
+            chunk = decode_chunk(key, value, hs)
+        except WireFormatError as err:
+            assert err.reason in wire.REASONS and err.reason != "processing_error", err
+        else:
+            assert chunk.header.seq <= 2**63 - 1 and chunk.header.capture_ns <= 2**63 - 1
+
+    check()
+
+
 # ---------------------------------------------------------------- encoder refuses what readers refuse
 
 @pytest.mark.parametrize("kw,pcm,reason", [
@@ -193,6 +268,8 @@ def test_garbage_header_bytes(msg):
     ({"encoding": "flac"}, np.zeros(10, dtype=np.int16), "unsupported_encoding"),
     ({"device_id": ""}, np.zeros(10, dtype=np.int16), "missing_key"),
     ({"seq": -1}, np.zeros(10, dtype=np.int16), "bad_header"),
+    ({"seq": 2**63}, np.zeros(10, dtype=np.int16), "integer_out_of_range"),
+    ({"capture_ns": 2**64}, np.zeros(10, dtype=np.int16), "integer_out_of_range"),
     ({}, np.zeros(0, dtype=np.int16), "empty_payload"),
     ({}, np.zeros(wire.DEFAULT_MAX_CHUNK_BYTES // 2 + 1, dtype=np.int16), "oversize_payload"),
 ])

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import WireFormatError
-from ..wire import AudioChunk, ScoreRecord, decode_chunk
+from ..wire import AudioChunk, ScoreRecord, decode_chunk, processing_error
 from .store import ENTRY_SCHEMA, ArchiveStore, partition_rel, segment_name
 
 log = logging.getLogger(__name__)
@@ -398,17 +398,25 @@ class Archiver:
         self.offsets.consumed(partition, offset)
         try:
             chunk = decode_chunk(key, value, headers, expected_sample_rate=None)
+            dev = chunk.device_id
+            if self.options.mode == MODE_HEALTHY and dev not in self.options.healthy:
+                self.offsets.done(partition, offset)
+                self._count(DROP_NOT_HEALTHY)
+                return
+            pending = _Pending(partition, offset, chunk, now)
+            size = len(value)
         except WireFormatError:
             self.offsets.done(partition, offset)  # the processor dead-letters it; nothing to archive
             self._count(INVALID)
             return
-        dev = chunk.device_id
-        if self.options.mode == MODE_HEALTHY and dev not in self.options.healthy:
+        except Exception as exc:  # a bug must not crash-loop the archiver on one message: skip it
+            log.exception("archiver: %s[%d]@%d could not be handled (%s); skipped",
+                          self.audio_topic, partition, offset, processing_error(exc).detail)
             self.offsets.done(partition, offset)
-            self._count(DROP_NOT_HEALTHY)
+            self._count(INVALID)
             return
-        self.pending[dev].append(_Pending(partition, offset, chunk, now))
-        self.pending_bytes += len(value)
+        self.pending[dev].append(pending)
+        self.pending_bytes += size
 
     def handle_score(self, value: bytes) -> None:
         try:

@@ -16,14 +16,13 @@ import numpy as np
 from ..config import Settings
 from ..errors import WireFormatError
 from ..metrics import ProcessorMetrics
-from ..wire import (R_BAD_CHUNK_LENGTH, R_PROCESSING_ERROR, R_UNKNOWN_MACHINE_TYPE, ScoreRecord,
-                    decode_chunk)
+from ..wire import R_BAD_CHUNK_LENGTH, R_UNKNOWN_MACHINE_TYPE, ScoreRecord, decode_chunk, processing_error
 from .alerts import AlertTracker
 from .batcher import MicroBatcher
 from .offsets import OffsetLedger, WindowAccounting
 from .runner import ModelRunner
 from .sinks import SendFn, Sinks
-from .windows import DROP_DUPLICATE, DROP_HEAD, DROP_LATE, Window, WindowAssembler
+from .windows import DROP_DUPLICATE, DROP_HEAD, DROP_LATE, AddResult, Window, WindowAssembler
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +78,16 @@ class StreamProcessor:
         except WireFormatError as err:
             await self._dead_letter(tp, offset, key, value, headers, err)
             return
+        except Exception as exc:  # a bug must not stop the stream (nor pin the offset): dead-letter it
+            log.exception("validating %s[%s]@%d failed", *_tp_fields(tp), offset)
+            await self._dead_letter(tp, offset, key, value, headers, processing_error(exc))
+            return
         self.metrics.chunks_consumed.labels(machine_type=chunk.header.machine_type).inc()
         try:
             result = self.assembler.add(chunk, ref, self.clock(), part=tp)
         except Exception as exc:  # a bug must not stop the stream: dead-letter the message
             log.exception("window assembly failed for %s[%s]@%d", *_tp_fields(tp), offset)
-            await self._dead_letter(tp, offset, key, value, headers,
-                                    WireFormatError(R_PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"))
+            await self._dead_letter(tp, offset, key, value, headers, processing_error(exc))
             return
         self.device_part[chunk.device_id] = tp
         if result.dropped == DROP_DUPLICATE:
@@ -94,6 +96,12 @@ class StreamProcessor:
             self.metrics.chunks_late.inc()
         elif result.dropped == DROP_HEAD:
             self.metrics.chunks_head.inc()
+        await self._settle(result)
+
+    async def _settle(self, result: AddResult) -> None:
+        """Chunks in no window are done at once; decided windows go on to scoring or accounting."""
+        if result.late_strays:
+            self.metrics.chunks_late.inc(result.late_strays)
         self.ledger.mark_all_done(result.released)
         await self._decided(result.windows)
 
@@ -212,8 +220,7 @@ class StreamProcessor:
     # -- housekeeping and rebalancing --------------------------------------------------------
     async def maintenance(self) -> None:
         """Evict idle devices and refresh gauges (call every second or so)."""
-        windows = self.assembler.evict_idle(self.clock())
-        await self._decided(windows)
+        await self._settle(self.assembler.evict_idle(self.clock()))
         live = set(self.assembler.devices)
         for d in [d for d in self.device_part if d not in live and not self.accounting.has_device(d)]:
             del self.device_part[d]

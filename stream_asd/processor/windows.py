@@ -27,13 +27,14 @@ Policies (documented in docs/processor.md):
   windows are skipped (``seq_reset``) and the device starts over from the held chunks; a normal
   chunk in between shows they were strays, and they are dropped as late.
 - A device idle for ``idle_evict_seconds`` is evicted: its undecided windows are skipped
-  (``evicted``: the stream ended, the missing chunks are not a gap) and its state dropped.
+  (``evicted``: the stream ended, the missing chunks are not a gap), far-behind chunks it still
+  held are dropped as late, and its state dropped.
 
 Every chunk handed in comes with an opaque ``ref`` (the Kafka partition and offset). Each
 emitted or skipped window lists the refs it *releases*: the chunks that no later window of the
-device needs. Chunks that are in no window come back at once in ``AddResult.released``. The
-offset accounting (offsets.py) commits a chunk's offset only once every window releasing it,
-and all windows before them, are scored or skipped.
+device needs. Chunks that are in no window come back at once in ``AddResult.released`` (from
+``add`` or ``evict_idle``). The offset accounting (offsets.py) commits a chunk's offset only
+once every window releasing it, and all windows before them, are scored or skipped.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class Window:
 
 @dataclass
 class AddResult:
+    """What one ``add`` (or ``evict_idle``) decided."""
+
     windows: list[Window] = field(default_factory=list)  # in order; scored and skipped
     released: list[Hashable] = field(default_factory=list)  # refs done at once (no window needs them)
     dropped: str | None = None  # DROP_* when the chunk itself was not used
@@ -133,7 +136,6 @@ class WindowAssembler:
         self.horizon = 2 * win + reorder_tolerance
         self.devices: dict[str, DeviceWindows] = {}
         self._serial = 0
-        self.stray_refs: list = []  # refs of held far-behind chunks dropped at eviction (caller drains)
 
     # -- intake --------------------------------------------------------------------------------
     def add(self, chunk: AudioChunk, ref: Hashable, now: float, part: Any = None) -> AddResult:
@@ -251,13 +253,17 @@ class WindowAssembler:
         return self._decide(dev, force=True, force_reason=reason)
 
     # -- housekeeping --------------------------------------------------------------------------
-    def evict_idle(self, now: float) -> list[Window]:
-        """Drop devices silent for ``idle_evict_seconds``; their open windows are skipped."""
-        out: list[Window] = []
+    def evict_idle(self, now: float) -> AddResult:
+        """Drop devices silent for ``idle_evict_seconds``; their open windows are skipped.
+
+        Held far-behind chunks of an evicted device are late strays: their refs come back in
+        ``released`` (in no window), so no offset stays pinned below them."""
+        out = AddResult()
         for device_id in [d for d, dev in self.devices.items() if now - dev.last_seen >= self.idle_evict_seconds]:
             dev = self.devices.pop(device_id)
-            out += self._flush(dev, SKIP_EVICTED)
-            self.stray_refs += [r for _, r in dev.behind]
+            out.windows += self._flush(dev, SKIP_EVICTED)
+            out.released += [r for _, r in dev.behind]
+            out.late_strays += len(dev.behind)
         return out
 
     def drop_where(self, pred: Callable[[DeviceWindows], bool]) -> list[str]:
