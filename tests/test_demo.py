@@ -1,17 +1,26 @@
-"""The demo: its view/summary logic offline, and a short end-to-end run on the real broker."""
+"""The demo: its fleet plan, processor settings, view and summary logic offline, and a short
+end-to-end run on the real broker."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from stream_asd.demo import FleetView, format_summary, render_table
+from stream_asd.config import load_settings
+from stream_asd.demo.cache import ModelTiming
+from stream_asd.demo.console import Workspace
+from stream_asd.demo.errors import DemoError
+from stream_asd.demo.options import add_arguments
+from stream_asd.demo.processor import processor_env, processor_settings, processor_windows
+from stream_asd.demo.summary import format_summary, fleet_summary, run_summary
+from stream_asd.demo.view import FleetView, render_table
 from stream_asd.wire import AlertRecord, ScoreRecord
 
 S = 1_000_000_000
@@ -41,7 +50,7 @@ def test_fleet_view_counts_caught_faults_false_alerts_and_rescores():
     view.on_alert(_alert("fan-01", "raised", 55 * S))
     view.on_alert(_alert("fan-00", "raised", 30 * S))  # a healthy device alerted: a false alarm
     view.on_alert(_alert("fan-02", "raised", 20 * S))  # before its fault: does not count as caught
-    s = view.summary()
+    s = fleet_summary(view)
     assert s["windows_scored"] == 48 and s["rescored_windows"] == 1
     assert (s["faults_injected"], s["faults_caught"]) == (2, 1)
     by_dev = {f["device_id"]: f for f in s["faults"]}
@@ -49,6 +58,8 @@ def test_fleet_view_counts_caught_faults_false_alerts_and_rescores():
     assert by_dev["fan-01"]["first_anomalous_window_delay_s"] == 5.0  # window 35..45 s ends 5 s after onset
     assert not by_dev["fan-02"]["caught"] and by_dev["fan-02"]["false_alerts_before_fault"] == 1
     assert s["healthy_devices_alerted"] == ["fan-00"]
+    assert s["false_alarms_on_healthy"] == 1
+    assert [(f["device_id"], f["raised_at_s"]) for f in s["false_alarms"]] == [("fan-00", [30.0])]
     assert s["latency_s"]["p50"] == 2.0 and s["latency_s"]["max"] == 3.0
     assert s["anomalous_windows"] == 9
 
@@ -64,6 +75,99 @@ def test_table_flags_alerts_in_colour_and_stays_plain_otherwise():
     alert_line = next(line for line in coloured.splitlines() if line.startswith("fan-01"))
     assert "\x1b[1m\x1b[31mALERT" in alert_line  # bold red
     assert "\x1b[31m" not in next(line for line in coloured.splitlines() if line.startswith("fan-00"))
+
+
+def _demo_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_summary_names_every_false_alarm_on_a_healthy_microphone():
+    view = FleetView([("fan-00", "fan"), ("fan-01", "fan"), ("pump-00", "pump")], start_ns=100 * S)
+    view.set_fault("fan-01", "bearing@40s", 140 * S)
+    view.on_alert(_alert("fan-01", "raised", 144 * S))
+    view.on_alert(_alert("fan-00", "raised", 112 * S))
+    view.on_alert(_alert("fan-00", "cleared", 120 * S))
+    view.on_alert(_alert("fan-00", "raised", 150 * S))
+    assert "FALSE ALARM" in view.events[1] and "FALSE ALARM" not in view.events[0]
+    plan = SimpleNamespace(sources=[1, 2, 3], machine_types=["fan", "pump"])
+    report = SimpleNamespace(sent=30, delivered=30, failed=0, unacknowledged=0)
+    s = run_summary(view, plan, report, {"stream": 60.0})
+    assert s["ok"] and s["false_alarms_on_healthy"] == 2
+    text = format_summary(s)
+    assert "false alarms on healthy microphones: 2 (on 1 of 2 healthy microphones" in text
+    line = next(x for x in text.splitlines() if "FALSE ALARM" in x)
+    assert "fan-00" in line and "alert raised at 12 s, 50 s" in line
+    assert "CAUGHT" in text and "RESULT: all injected faults caught" in text
+
+
+def test_no_fault_injected_or_one_missed_is_not_ok():
+    plan = SimpleNamespace(sources=[1], machine_types=["fan"])
+    view = FleetView([("fan-00", "fan")])
+    assert not run_summary(view, plan, None, {})["ok"]
+    view.set_fault("fan-00", "bearing@40s", 40 * S)
+    view.on_alert(_alert("fan-00", "raised", 39 * S))  # before the onset: not a catch
+    s = run_summary(view, plan, None, {})
+    assert not s["ok"] and "MISSED" in format_summary(s) and "1 alert(s) before onset" in format_summary(s)
+
+
+def test_processor_settings_file_carries_the_demo_settings_but_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASD_BATCH__MAX_SIZE", "7")  # the user's environment reaches the processor via the file
+    monkeypatch.setenv("ASD_KAFKA__SASL_PASSWORD", "s3cret")
+    settings = load_settings(None, {"kafka": {"bootstrap": "127.0.0.1:1234"}, "topics": {"audio": "asd.audio.r1"},
+                                    "window": {"seconds": 1.0, "hop_seconds": 1.0}})
+    ws = Workspace(tmp_path, "r1")
+    path = tmp_path / "processor.json"
+    path.write_text(json.dumps(processor_settings(settings, tmp_path / "model", 9109, ws)))
+    assert "s3cret" not in path.read_text() and "**********" not in path.read_text()
+    env = processor_env(settings, {"PATH": "/bin", "ASD_BATCH__MAX_SIZE": "7", "ASD_CONFIG": "/elsewhere.toml",
+                                   "ASD_KAFKA__SASL_PASSWORD": "s3cret"})
+    assert env == {"PATH": "/bin", "ASD_KAFKA__SASL_PASSWORD": "s3cret"}
+    for name in list(os.environ):
+        if name.startswith("ASD_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    got = load_settings(path)  # what `stream-asd process --config FILE` resolves
+    assert got.kafka.bootstrap == "127.0.0.1:1234" and got.topics.audio == "asd.audio.r1"
+    assert (got.window.seconds, got.window.hop_seconds, got.batch.max_size) == (1.0, 1.0, 7)
+    assert got.model.bundle == tmp_path / "model" and got.metrics.port == 9109
+    assert got.processor.group_id == "demo-r1" and got.processor.datadir == ws.logs / "processor-data"
+    assert got.kafka.sasl_password.get_secret_value() == "s3cret"
+
+
+def test_processor_windows_follow_the_model():
+    audio = load_settings(None, {"audio": {"chunk_seconds": 1.0}}).audio
+    assert processor_windows(_demo_args(), ModelTiming(1.0, audio.sample_rate), audio) == (1.0, 1.0)
+    assert processor_windows(_demo_args(), ModelTiming(4.0, audio.sample_rate), audio) == (4.0, 2.0)
+    assert processor_windows(_demo_args("--hop", "3"), ModelTiming(2.0, audio.sample_rate), audio) == (2.0, 2.0)
+    with pytest.raises(DemoError, match="--window 2 differs"):
+        processor_windows(_demo_args("--window", "2"), ModelTiming(1.0, audio.sample_rate), audio)
+    with pytest.raises(DemoError, match="features.sample_rate"):
+        processor_windows(_demo_args(), ModelTiming(1.0, audio.sample_rate * 2), audio)
+
+
+def test_fleet_plan_spreads_faults_over_machine_types_and_deals_real_clips(tmp_path):
+    pytest.importorskip("stream_asd.audio.synth")
+    from stream_asd.demo.console import Console
+    from stream_asd.demo.fleet import REAL_FOLDER, plan_fleet
+
+    real = tmp_path / REAL_FOLDER
+    real.mkdir(parents=True)
+    for i in range(10):
+        (real / f"normal_{i:02d}.wav").write_bytes(b"")
+    args = _demo_args("--devices", "16", "--faulty", "3", "--duration", "100", "--realdata", str(tmp_path),
+                      "--real-train-clips", "24")
+    plan = plan_fleet(args, 16_000, Console(plain=True))
+    faults = plan.faults()
+    assert len(faults) == 3 and all(at == 40.0 for _, at in faults.values())
+    # fleet indexes 1, 7, 13 of a round-robin fleet of 4 types: pump, valve, pump; bearing/rubbing alternate
+    assert {d: label for d, (label, _) in faults.items()} == {
+        "pump-id_00": "bearing@40s", "valve-id_01": "rubbing@40s", "pump-id_03": "bearing@40s"}
+    assert len(plan.sources) == 18 and [s.machine_type for s in plan.real] == ["realmachine"] * 2
+    assert [p.name for p in plan.real_clips.train] == [f"normal_{i:02d}.wav" for i in range(6)]
+    assert [p.name for p in plan.real_clips.replay] == [f"normal_{i:02d}.wav" for i in range(6, 10)]
 
 
 @pytest.mark.slow
