@@ -14,6 +14,13 @@
 3. Writes OUT_DIR/results.json and OUT_DIR/results.md (AUC/pAUC per machine type, both models,
    timings, the exact commands).
 
+``--seeds N`` trains N training seeds (``--train-seed``, +1, ...) on the same data set, each in
+OUT_DIR/seed-K/ (its own results.json/.md), and writes OUT_DIR/seeds.json and OUT_DIR/seeds.md:
+per model part (ensemble, its fusion and statistics models alone, AE) the mean AUC/pAUC of each
+seed and their mean, standard deviation (ddof 1) and min/max: the spread between training runs,
+which the 95 % intervals of ``asd-train evaluate`` (test-set sampling) do not measure. A small
+smoke run: ``--profile tiny --types fan --devices 2 --n-train 4 --n-test 3 --seconds 2 --seeds 2``.
+
 Target (issue 3): ensemble mean AUC >= 0.90 and above the AE's.
 """
 
@@ -57,7 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=1, help="data set seed (devices and noise)")
-    ap.add_argument("--train-seed", type=int, default=0, help="training seed")
+    ap.add_argument("--train-seed", type=int, default=0, help="training seed (the first one with --seeds)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train this many training seeds (train-seed, train-seed+1, ...) into OUT_DIR/seed-K and "
+                         "report the spread of the mean AUC per model part (OUT_DIR/seeds.json, seeds.md)")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="profile override for the ensemble")
     ap.add_argument("--threads", type=int, default=2)
@@ -66,17 +76,35 @@ def main(argv=None) -> int:
                     help="only add the per-fault and window-level figures to an existing OUT_DIR/results.json")
     args = ap.parse_args(argv)
 
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     out: Path = args.out.resolve()
+    data = out / "data"
+    seeds = list(range(args.train_seed, args.train_seed + args.seeds))
+    runs = {seed: (out if args.seeds == 1 else out / f"seed-{seed}") for seed in seeds}
     if args.analyses_only:
-        _analyse_and_write(out, json.loads((out / "results.json").read_text()))
+        for run_dir in runs.values():
+            _analyse_and_write(run_dir, json.loads((run_dir / "results.json").read_text()), data)
+        if args.seeds > 1:
+            _write_seed_summary(out, {s: json.loads((d / "results.json").read_text()) for s, d in runs.items()})
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    py = sys.executable
-    env_threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    os.environ.update(env_threads)
-    timings: dict[str, float] = {}
+    os.environ.update({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
+    synth_s = _write_data(data, args)
+    results = {}
+    for seed, run_dir in runs.items():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        results[seed] = _run_seed(run_dir, data, args, seed)
+        if synth_s is not None:
+            results[seed]["timings_s"]["synth_s"] = synth_s
+        _analyse_and_write(run_dir, results[seed], data)
+    if args.seeds > 1:
+        _write_seed_summary(out, results)
+    return 0 if all(r["target_met"] for r in results.values()) else 1
 
+
+def _write_data(data: Path, args) -> float | None:
+    """The synthetic data set (once: every seed trains on the same clips); seconds it took."""
     if not (data / "manifest.csv").exists():
         from stream_asd.audio.synth import write_dataset
 
@@ -84,17 +112,23 @@ def main(argv=None) -> int:
         write_dataset(data, args.types, devices_per_type=args.devices, n_train=args.n_train,
                       n_test_normal=args.n_test, n_test_anomaly=args.n_test, seconds=args.seconds,
                       seed=args.seed, faults=FAULTS, severity=(0.3, 1.0))
-        timings["synth_s"] = round(time.perf_counter() - t0, 1)
+        return round(time.perf_counter() - t0, 1)
+    return None
 
+
+def _run_seed(out: Path, data: Path, args, train_seed: int) -> dict:
+    """Fit and evaluate both models with one training seed into ``out``; the result record."""
+    py = sys.executable
+    timings: dict[str, float] = {}
     sets = [f"--set={s}" for s in args.set] + [f"--set=run.threads={args.threads}"]
     commands = {
         "fit_ensemble": [py, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(out / "bundle-ensemble"),
-                         "--profile", args.profile, "--model", "ensemble", "--seed", str(args.train_seed),
+                         "--profile", args.profile, "--model", "ensemble", "--seed", str(train_seed),
                          "--force", "--no-progress", "--report", str(out / "train-ensemble.json"), *sets],
         "eval_ensemble": [py, "-m", "trainer.cli", "evaluate", "--bundle", str(out / "bundle-ensemble"),
                           "--data", str(data), "--out", str(out / "report-ensemble"), "--no-progress"],
         "fit_ae": [py, "-m", "trainer.cli", "fit", "--data", str(data), "--out", str(out / "bundle-ae"),
-                   "--profile", args.profile, "--model", "ae", "--seed", str(args.train_seed), "--force",
+                   "--profile", args.profile, "--model", "ae", "--seed", str(train_seed), "--force",
                    "--no-progress", "--report", str(out / "train-ae.json"), f"--set=run.threads={args.threads}"],
         "eval_ae": [py, "-m", "trainer.cli", "evaluate", "--bundle", str(out / "bundle-ae"), "--data", str(data),
                     "--out", str(out / "report-ae"), "--no-progress"],
@@ -121,9 +155,10 @@ def main(argv=None) -> int:
         "data": {"types": args.types, "devices_per_type": args.devices, "n_train": args.n_train,
                  "n_test_normal": args.n_test, "n_test_anomaly": args.n_test, "seconds": args.seconds,
                  "seed": args.seed, "faults": list(FAULTS), "severity": [0.3, 1.0]},
-        "profile": args.profile, "overrides": args.set, "train_seed": args.train_seed,
+        "profile": args.profile, "overrides": args.set, "train_seed": train_seed,
         "clip_score": "median",
         "ensemble": _summary(ens), "ae": _summary(ae) if ae else None,
+        "per_model": {"ensemble": _parts(ens), "ae": _parts(ae) if ae else None},
         "clip_score_mean": {"ensemble": _summary(ens_mean), "ae": _summary(ae_mean) if ae_mean else None},
         "target_met": bool(ens["mean_auc"] >= 0.90 and (ae is None or ens["mean_auc"] > ae["mean_auc"])),
         "timings_s": timings, "cpu_s": cpu, "threads": args.threads,
@@ -131,16 +166,77 @@ def main(argv=None) -> int:
                     "load_avg_at_end": os.getloadavg()},
         "commands": {k: " ".join(v).replace(str(ROOT) + "/", "") for k, v in commands.items()},
     }
-    _analyse_and_write(out, result)
-    return 0 if result["target_met"] else 1
+    return result
 
 
-def _analyse_and_write(out: Path, result: dict) -> None:
+def _parts(m: dict) -> dict:
+    """Mean AUC/pAUC of each model part alone (the report's per_model table)."""
+    return {name: {"mean_auc": v["mean_auc"], "mean_pauc": v["mean_pauc"]} for name, v in m.get("per_model", {}).items()}
+
+
+def seed_spread(results: dict) -> dict:
+    """Per model part: the mean AUC / pAUC of every training seed and their mean, std (ddof 1;
+    0 with one seed), min and max. Parts: ensemble, fusion, stats (the ensemble's models alone), ae."""
+    import numpy as np
+
+    per_part: dict[str, dict[str, dict]] = {}
+    for seed, r in sorted(results.items()):
+        figures = {"ensemble": r["ensemble"]}
+        if r.get("ae"):
+            figures["ae"] = r["ae"]
+        for name, v in ((r.get("per_model") or {}).get("ensemble") or {}).items():
+            figures[name] = v
+        for part, v in figures.items():
+            for metric in ("mean_auc", "mean_pauc"):
+                per_part.setdefault(part, {}).setdefault(metric, {})[str(seed)] = v[metric]
+    out = {}
+    for part, metrics in per_part.items():
+        out[part] = {}
+        for metric, by_seed in metrics.items():
+            vals = np.asarray(list(by_seed.values()), dtype=np.float64)
+            out[part][metric] = {"by_seed": by_seed, "mean": float(vals.mean()),
+                                 "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                                 "min": float(vals.min()), "max": float(vals.max()), "n_seeds": int(len(vals))}
+    return out
+
+
+def _write_seed_summary(out: Path, results: dict) -> dict:
+    spread = seed_spread(results)
+    first = results[min(results)]
+    summary = {"train_seeds": sorted(int(s) for s in results), "data": first["data"], "profile": first["profile"],
+               "overrides": first["overrides"], "parts": spread,
+               "target_met": {str(s): r["target_met"] for s, r in sorted(results.items())}}
+    (out / "seeds.json").write_text(json.dumps(summary, indent=2))
+    (out / "seeds.md").write_text(_seed_markdown(summary))
+    print(_seed_markdown(summary))
+    return summary
+
+
+def _seed_markdown(summary: dict) -> str:
+    def pct(x):
+        return f"{100 * x:.2f}"
+
+    seeds = summary["train_seeds"]
+    lines = [f"Training seeds {', '.join(map(str, seeds))} on the same data set (profile {summary['profile']}): "
+             "mean AUC over machine types, each model part (median clip score).", "",
+             "| part | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | min | max | mean pAUC (std) |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+    for part, m in summary["parts"].items():
+        a, p = m["mean_auc"], m["mean_pauc"]
+        lines.append(f"| {part} | " + " | ".join(pct(a["by_seed"][str(s)]) if str(s) in a["by_seed"] else "-"
+                                                 for s in seeds)
+                     + f" | {pct(a['mean'])} | {pct(a['std'])} | {pct(a['min'])} | {pct(a['max'])} | "
+                       f"{pct(p['mean'])} ({pct(p['std'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _analyse_and_write(out: Path, result: dict, data: Path | None = None) -> None:
     """Add the per-fault, window-level and weight-sweep figures; write results.json / .md. Each
     bundle scores the test split once; every figure comes from those window scores."""
-    scored = {model: _window_parts(out / f"bundle-{model}", out / "data")
+    data = data or out / "data"
+    scored = {model: _window_parts(out / f"bundle-{model}", data)
               for model in ("ensemble", "ae") if (out / f"bundle-{model}").exists()}
-    result["per_fault_auc"] = per_fault(scored, out / "data")
+    result["per_fault_auc"] = per_fault(scored, data)
     result["window_level_auc"] = {model: {"mean_auc": round(_type_mean_auc(per_dev, "score"), 4)}
                                   for model, per_dev in scored.items()}
     if "ensemble" in scored:
@@ -250,8 +346,8 @@ def weight_sweep(per_dev: dict, grid=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.
 
 
 def _summary(m: dict) -> dict:
-    return {"mean_auc": m["mean_auc"], "mean_pauc": m["mean_pauc"], "mean_recall": m["mean_recall"],
-            "mean_far": m["mean_far"],
+    return {"mean_auc": m["mean_auc"], "mean_auc_ci95": m.get("mean_auc_ci95"), "mean_pauc": m["mean_pauc"],
+            "mean_pauc_ci95": m.get("mean_pauc_ci95"), "mean_recall": m["mean_recall"], "mean_far": m["mean_far"],
             "per_type": {t: {k: v[k] for k in ("auc", "pauc", "min_auc", "min_pauc", "recall", "far")}
                          for t, v in m["machine_types"].items()}}
 
