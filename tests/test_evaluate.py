@@ -78,3 +78,21 @@ def test_per_model_metrics(tmp_path):
     assert metrics["per_model"]["stats"]["mean_auc"] == pytest.approx(1.0)
     assert metrics["per_model"]["fusion"]["mean_auc"] == pytest.approx(0.0)
     assert "| stats | 100.00 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_operating_point_sets_measured_exceedance_beside_the_bundles_promise():
+    from stream_asd.model.alert_rate import AlertRule, false_alerts_per_day
+    from trainer.operating_point import alerting_figures, alerting_markdown
+
+    rule = AlertRule(3, 5, 1.0, 1.0)
+    calibration = {"fan": {"window_exceedance": 0.005, "alert_rule": rule.to_dict(),
+                           "predicted_false_alerts_per_device_day": false_alerts_per_day(0.005, rule)}}
+    clips = [ScoredClip(f"n{i}", "fan", "id_00", 0, 0.0, 1.0, None, "", 10, 1 if i < 2 else 0) for i in range(10)]
+    clips.append(ScoredClip("a0", "fan", "id_00", 1, 5.0, 1.0, None, "", 10, 10))  # anomalies do not count
+    fig = alerting_figures(clips, calibration)["fan"]
+    assert (fig["normal_windows"], fig["windows_over"]) == (100, 2)
+    assert fig["exceedance_measured"] == pytest.approx(0.02)
+    # 4x the set exceedance under a 3-window rule is 64x the predicted rate
+    assert fig["implied_false_alerts_per_device_day"] == pytest.approx(64 * fig["predicted_false_alerts_per_device_day"])
+    assert "| fan | 100 | 2 | 0.02 | 5.00e-03 |" in "\n".join(alerting_markdown({"fan": fig}))
+    assert alerting_figures(clips, {})["fan"]["implied_false_alerts_per_device_day"] is None  # old bundle

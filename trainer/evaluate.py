@@ -48,6 +48,8 @@ class ScoredClip:
     threshold: float
     parts: dict[str, float] | None = None  # per-model scores ({'fusion', 'stats'} or {'ae'})
     domain: str = ""    # 'source' | 'target' (DCASE2021+ / MIMII DUE layouts), else ''
+    n_windows: int = 0     # windows scored
+    windows_over: int = 0  # of them over the threshold the detector applied (the processor's flag)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -402,6 +404,10 @@ def summary_markdown(metrics: dict, title: str = "Evaluation") -> str:
             lines.append(f"| {mtype} | {mid} | {_fmt(v['auc'])} | {_fmt_ci(v.get('auc_ci95'))} | {_fmt(v['pauc'])} | "
                          f"{_fmt_ci(v.get('pauc_ci95'))} | {_fmt(v['recall'])} | {_fmt(v['far'])} |")
     lines += dcase_markdown(metrics)
+    if metrics.get("alerting"):
+        from .operating_point import alerting_markdown
+
+        lines += alerting_markdown(metrics["alerting"])
     lines += ["", f"pAUC: scikit-learn roc_auc_score(max_fpr={MAX_FPR}) as the DCASE evaluator. "
               "A type's AUC is the mean over its ids.", intervals_note(metrics), ""]
     return "\n".join(lines)
@@ -518,7 +524,7 @@ def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", sp
                                   1 if clip.label == "anomaly" else 0,
                                   float(agg(scores[pos:pos + n])), float(thresholds[pos]),
                                   {k: float(agg(v[pos:pos + n])) for k, v in parts.items()},
-                                  clip.domain or ""))
+                                  clip.domain or "", n, int(np.sum(scores[pos:pos + n] > thresholds[pos:pos + n]))))
             pos += n
         pending.clear()
 
@@ -581,11 +587,15 @@ def run(args: argparse.Namespace) -> int:
         kind = ModelBundle.read_manifest(args.bundle).get("kind", "?")
     except Exception:  # noqa: BLE001 - the report still works without the kind
         pass
+    from .operating_point import alerting_figures, alerting_lines, bundle_calibration
+
+    alerting = alerting_figures(clips, bundle_calibration(args.bundle))
     metrics = write_report(clips, Path(args.out), {"bundle": str(args.bundle), "data": str(args.data),
                                                     "model_kind": kind, "clip_score": args.clip_score,
-                                                    "seconds": round(time.perf_counter() - t0, 1)},
+                                                    "seconds": round(time.perf_counter() - t0, 1),
+                                                    "alerting": alerting},
                            n_resamples=args.bootstrap, seed=args.bootstrap_seed)
-    for line in summary_lines(metrics):
+    for line in summary_lines(metrics) + alerting_lines(alerting):
         log.info("%s", line)
     log.info("report -> %s", args.out)
     return 0
