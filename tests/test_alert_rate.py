@@ -86,6 +86,23 @@ def test_extreme_quantile_extrapolates_beyond_a_small_sample():
     assert method == "empirical" and value == pytest.approx(np.quantile(many, 0.999))
 
 
+def test_exponential_tail_follows_a_skewed_sample_where_the_gaussian_undershoots():
+    # standardised chi-square-like scores (GMM negative log-likelihoods): true 0.999 quantile
+    # of a unit exponential shifted to mean 0 is ln(1000) - 1 = 5.9
+    rng = np.random.default_rng(3)
+    errors = {"gaussian": [], "exponential": []}
+    for _ in range(200):
+        few = rng.exponential(1.0, 300) - 1.0
+        for tail in errors:
+            value, method = extreme_quantile(few, 0.999, tail)
+            assert method == f"{tail} tail" and value >= np.quantile(few, 0.999)
+            errors[tail].append(value - (math.log(1000) - 1))
+    assert np.median(errors["gaussian"]) < -1.0  # mean + 3.1 sd = 3.1, lifted to about the sample max only
+    assert abs(np.median(errors["exponential"])) < 0.5
+    with pytest.raises(ValueError, match="tail must be"):
+        extreme_quantile(np.arange(10.0), 0.999, "pareto")
+
+
 def test_thresholds_keep_their_calibration_through_json():
     th = Thresholds.calibrate(np.linspace(0, 1, 500), quantile=0.995)
     th.calibration.update({"target_false_alerts_per_device_day": 0.1})

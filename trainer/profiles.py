@@ -113,6 +113,9 @@ class ScoringSettings:
     # per-window quantile of held-out normal scores the thresholds sit at; 0 (default): derived
     # from alerts.max_false_alerts_per_device_day through the alert rule (stream_asd/model/alert_rate.py)
     threshold_quantile: float = 0.0
+    # how a quantile beyond the held-out windows is extrapolated: gaussian | exponential
+    # (stream_asd/model/scoring.py extreme_quantile; docs/alerting.md)
+    threshold_tail: str = "gaussian"
     min_device_windows: int = 50   # per-device threshold once a device has this many normal windows
     stats_log: bool = True         # statistics GMM on log10(lambda * band means) (DEVIATION 8, docs/model.md)
     device_gmm_min_windows: int = 40  # own GMM pair per device with this many fit windows (0: type GMMs only)
@@ -206,6 +209,10 @@ def threshold_calibration(profile: TrainProfile) -> dict[str, Any]:
     through the alert rule, or ``scoring.threshold_quantile`` when set explicitly."""
     from stream_asd.model.alert_rate import exceedance_for_target, false_alerts_per_day
 
+    from stream_asd.model.scoring import TAILS
+
+    if profile.scoring.threshold_tail not in TAILS:
+        raise ConfigError(f"scoring.threshold_tail={profile.scoring.threshold_tail!r}: use one of {', '.join(TAILS)}")
     rule = alert_rule(profile)
     target = profile.alerts.max_false_alerts_per_device_day
     q = profile.scoring.threshold_quantile

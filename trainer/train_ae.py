@@ -78,7 +78,7 @@ def train_ae(td, profile: TrainProfile, device: torch.device, gen: torch.Generat
         g.fit_standardisation(errors[sel_fit])
         use = sel_cal if sel_cal.sum() >= 10 else sel_fit
         g.calibrate(errors[use], devs[use].tolist(), target["quantile"],
-                    max(1, int(sc.min_device_windows * use.sum() / max(1, (types == name).sum()))))
+                    max(1, int(sc.min_device_windows * use.sum() / max(1, (types == name).sum()))), sc.threshold_tail)
         g.thresholds.calibration.update(target)
         g.info.update({"n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
                        "thresholds_from": "held-out normals" if use is sel_cal else "training normals"})

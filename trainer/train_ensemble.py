@@ -157,7 +157,8 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
             calib_fusion=fusion_emb[sel_cal] if held_out else None,
             calib_band_means=band_means[sel_cal] if held_out else None,
             calib_device_ids=devs[sel_cal].tolist() if held_out else None,
-            stats_log=sc.stats_log, per_device_min_windows=sc.device_gmm_min_windows or None)
+            stats_log=sc.stats_log, per_device_min_windows=sc.device_gmm_min_windows or None,
+            tail=sc.threshold_tail)
         if not held_out:
             log.warning("group %s: only %d held-out windows; thresholds from training normals come out too low "
                         "(more clips per device fix this)", mtype, sel_cal.sum())

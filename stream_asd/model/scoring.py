@@ -208,23 +208,37 @@ def quantile_threshold(scores: Any, q: float = DEFAULT_QUANTILE) -> float:
 MIN_TAIL_WINDOWS = 5
 
 
-def extreme_quantile(scores: Any, q: float) -> tuple[float, str]:
+TAILS = ("gaussian", "exponential")
+
+
+def extreme_quantile(scores: Any, q: float, tail: str = "gaussian") -> tuple[float, str]:
     """The q-quantile of normal scores and how it was estimated. A high quantile from few
-    windows (fewer than ``MIN_TAIL_WINDOWS`` expected beyond it) is extrapolated with a Gaussian
-    fitted to the scores, and never set below the empirical quantile: the thresholds of an
-    operator's false-alarm target are often at 0.995-0.999, from a few hundred held-out windows."""
+    windows (fewer than ``MIN_TAIL_WINDOWS`` expected beyond it) is extrapolated, and never set
+    below the empirical quantile: the thresholds of an operator's false-alarm target are often
+    at 0.995-0.999, from a few hundred held-out windows. ``tail``: ``gaussian`` fits a normal
+    distribution to all the scores; ``exponential`` fits the excesses of the top tenth (at
+    least ``MIN_TAIL_WINDOWS`` scores) over the next score, a peaks-over-threshold estimate that
+    follows a right-skewed tail (GMM negative log-likelihoods are chi-square-like) where the
+    Gaussian one undershoots."""
     from statistics import NormalDist
 
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     s = np.asarray(scores, dtype=np.float64).ravel()
     emp = quantile_threshold(s, q)
     if q >= 1 or s.size < 3 or s.size * (1 - q) >= MIN_TAIL_WINDOWS:
         return emp, "empirical"
-    gauss = float(s.mean() + NormalDist().inv_cdf(q) * s.std(ddof=1))
-    return max(emp, gauss), "gaussian tail"
+    if tail == "gaussian" or s.size <= MIN_TAIL_WINDOWS:
+        return max(emp, float(s.mean() + NormalDist().inv_cdf(q) * s.std(ddof=1))), "gaussian tail"
+    top = np.sort(s)[::-1]
+    m = max(MIN_TAIL_WINDOWS, s.size // 10)
+    u = top[m]  # excesses of the m largest over the next one
+    scale = float(np.mean(top[:m] - u))
+    return max(emp, float(u + scale * math.log((m / s.size) / (1 - q)))), "exponential tail"
 
 
 def device_quantile_thresholds(scores: Any, device_ids: Sequence[str], q: float = DEFAULT_QUANTILE,
-                               min_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> dict[str, float]:
+                               min_windows: int = DEFAULT_MIN_DEVICE_WINDOWS, tail: str = "gaussian") -> dict[str, float]:
     """Per-device q-quantile, only for devices with at least ``min_windows`` normal scores."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     ids = np.asarray([str(d) for d in device_ids])
@@ -234,7 +248,7 @@ def device_quantile_thresholds(scores: Any, device_ids: Sequence[str], q: float 
     for dev in sorted(set(ids.tolist())):
         sel = s[ids == dev]
         if sel.size >= min_windows:
-            out[dev] = extreme_quantile(sel, q)[0]
+            out[dev] = extreme_quantile(sel, q, tail)[0]
     return out
 
 
@@ -253,10 +267,10 @@ class Thresholds:
     @classmethod
     def calibrate(cls, normal_scores: Any, device_ids: Sequence[str] | None = None,
                   quantile: float = DEFAULT_QUANTILE,
-                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> "Thresholds":
+                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS, tail: str = "gaussian") -> "Thresholds":
         per_device = ({} if device_ids is None else
-                      device_quantile_thresholds(normal_scores, device_ids, quantile, min_device_windows))
-        group, method = extreme_quantile(normal_scores, quantile)
+                      device_quantile_thresholds(normal_scores, device_ids, quantile, min_device_windows, tail))
+        group, method = extreme_quantile(normal_scores, quantile, tail)
         n = int(np.asarray(normal_scores).size)
         return cls(group, per_device, quantile, min_device_windows, {"method": method, "n_windows": n})
 
@@ -329,7 +343,8 @@ class EnsembleGroup:
             quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS,
             reg_covar: float = 1e-6, max_iter: int = 1000, calib_fusion: Any | None = None,
             calib_band_means: Any | None = None, calib_device_ids: Sequence[str] | None = None,
-            stats_log: bool = False, per_device_min_windows: int | None = None) -> "EnsembleGroup":
+            stats_log: bool = False, per_device_min_windows: int | None = None,
+            tail: str = "gaussian") -> "EnsembleGroup":
         """Fit both GMMs on training normals of this group. NLL standardisation and thresholds
         come from the same normals, or from held-out normals ``calib_*`` when given.
 
@@ -366,9 +381,9 @@ class EnsembleGroup:
             group.info["per_device_min_windows"] = int(per_device_min_windows)
         if held_out:
             group.info["n_calibration"] = int(cbm.shape[0])
-            group.calibrate(calib_fusion, cbm, calib_device_ids, quantile, min_device_windows)
+            group.calibrate(calib_fusion, cbm, calib_device_ids, quantile, min_device_windows, tail=tail)
         else:
-            group.calibrate(fe, bm, device_ids, quantile, min_device_windows, restandardise=False)
+            group.calibrate(fe, bm, device_ids, quantile, min_device_windows, restandardise=False, tail=tail)
         return group
 
     def _pairs(self, n: int, device_ids: Sequence[str] | None) -> dict[str | None, np.ndarray]:
@@ -400,7 +415,7 @@ class EnsembleGroup:
 
     def calibrate(self, fusion_embeddings: Any, band_means: Any, device_ids: Sequence[str] | None = None,
                   quantile: float = DEFAULT_QUANTILE, min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS,
-                  restandardise: bool = True) -> Thresholds:
+                  restandardise: bool = True, tail: str = "gaussian") -> Thresholds:
         """Thresholds from these normals' ensemble scores. With ``restandardise`` (default) and at
         least ``MIN_RESTANDARDISE`` windows, the NLL standardisations are first re-estimated on
         them (the group pair on all windows scored by it, each device pair on its device's
@@ -421,7 +436,7 @@ class EnsembleGroup:
                     f.restandardise(fe[idx])
                     st.restandardise(sf[idx])
         self.thresholds = Thresholds.calibrate(self.scores(fe, bm, device_ids)["ensemble"], device_ids,
-                                               quantile, min_device_windows)
+                                               quantile, min_device_windows, tail)
         return self.thresholds
 
     def to_parts(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -490,8 +505,8 @@ class AeGroup:
         return (np.asarray(errors, dtype=np.float64) - self.err_mean) / self.err_std
 
     def calibrate(self, errors: Any, device_ids: Sequence[str] | None = None, quantile: float = DEFAULT_QUANTILE,
-                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS) -> Thresholds:
-        self.thresholds = Thresholds.calibrate(self.scores(errors), device_ids, quantile, min_device_windows)
+                  min_device_windows: int = DEFAULT_MIN_DEVICE_WINDOWS, tail: str = "gaussian") -> Thresholds:
+        self.thresholds = Thresholds.calibrate(self.scores(errors), device_ids, quantile, min_device_windows, tail)
         return self.thresholds
 
     def to_meta(self) -> dict[str, Any]:
