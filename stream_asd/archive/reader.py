@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import DatasetLayoutError
-from .store import ArchiveStore, safe_name
+from .store import ArchiveStore, archive_name, legacy_name
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,14 @@ def list_segments(root: str | Path, *, machine_types: Sequence[str] | None = Non
                   devices: Sequence[str] | None = None, since: Any = None, until: Any = None,
                   storage_options: dict[str, Any] | None = None) -> list[Segment]:
     """Manifest entries matching the selection, oldest first. Date partitions outside the
-    range are not opened."""
+    range, and folders of other machine types and devices, are not opened; the selection is
+    then checked on the exact ids each entry records (folder names are never parsed)."""
     store = ArchiveStore(root, storage_options)
     since_ns, until_ns = parse_time(since), parse_time(until)
-    types = {safe_name(t) for t in machine_types} if machine_types else None
-    devs = {safe_name(d) for d in devices} if devices else None
+    want_types = set(machine_types) if machine_types else None
+    want_devs = set(devices) if devices else None
+    types = {f(t) for t in want_types for f in (archive_name, legacy_name)} if want_types else None
+    devs = {f(d) for d in want_devs for f in (archive_name, legacy_name)} if want_devs else None
     since_day = datetime.fromtimestamp(since_ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d") if since_ns else None
     until_day = datetime.fromtimestamp(until_ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d") if until_ns else None
     out = []
@@ -90,6 +93,8 @@ def list_segments(root: str | Path, *, machine_types: Sequence[str] | None = Non
             continue
         rel = f"{mt}/{dev}/{date}"
         for e in store.read_manifest(rel):
+            if (want_types and e["machine_type"] not in want_types) or (want_devs and e["device_id"] not in want_devs):
+                continue  # an old archive's folder shared by ids its names did not tell apart
             start = int(e["capture_start_ns"])
             end = int(e.get("capture_end_ns", start))
             if (since_ns is not None and end <= since_ns) or (until_ns is not None and start >= until_ns):

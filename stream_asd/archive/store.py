@@ -6,6 +6,12 @@ Layout::
     <root>/<machine_type>/<device_id>/<YYYY-MM-DD>/<device_id>_<first_seq>-<last_seq>.flac
     <root>/<machine_type>/<device_id>/<YYYY-MM-DD>/manifest.jsonl
 
+where ``<machine_type>`` and ``<device_id>`` are :func:`archive_name` of the exact ids: the id
+itself when it is a short lower-case name of letters, digits, ``.``, ``_``, ``-``, otherwise a
+readable slug plus ``~`` and a hash of the id (``Fan/01`` -> ``Fan_01~3f1c9a07b2``). Distinct ids
+never share a folder or a file, even on case-insensitive file systems. Nothing reads an id back
+from a name: the exact ids are in every manifest entry (and in each FLAC's comment tag).
+
 Each FLAC file also carries its own manifest entry as JSON in its ``comment`` tag, so a lost
 manifest update (a crash between the file's rename and the manifest's) is repaired from the
 files themselves (:meth:`ArchiveStore.load_partition`).
@@ -19,6 +25,7 @@ import json
 import logging
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +36,14 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 ENTRY_SCHEMA = "asd.archive.segment/1"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Names used as they are: lower case (so that no two differ only in case), no leading dot or
+# dash, no trailing dot (Windows drops it), short. '~' is never in them, so they cannot equal
+# an encoded name.
+_PLAIN = re.compile(r"^[a-z0-9_](?:[a-z0-9._-]{0,62}[a-z0-9_-])?$")
+_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
+_SLUG_CHARS = 40
+_HASH_CHARS = 10  # 40 bits of sha256: two ids of one machine type share a name with odds ~n^2/2^41
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TMP_PREFIX = ".tmp-"
 
@@ -38,18 +52,34 @@ class ArchiveError(AsdError):
     """The archive cannot be read or written."""
 
 
-def safe_name(name: str) -> str:
-    """A path component from a device id or machine type (no slashes, no leading dot)."""
-    out = _SAFE.sub("_", name).lstrip(".")
-    return out or "_"
+def archive_name(name: str) -> str:
+    """The path component of a device id or machine type: distinct ids give distinct names.
+
+    Plain ids (``fan-01``) are used as they are; any other id becomes a readable ASCII slug
+    plus ``~`` and the first hex digits of the sha256 of its exact UTF-8 bytes
+    (``fan/01`` -> ``fan_01~<hash>``, ``日本-01`` -> ``_-01~<hash>``). At most 64 characters of
+    ``[A-Za-z0-9._~-]``, never ``.``/``..``, no leading dot or dash.
+    """
+    if _PLAIN.match(name) and name.split(".", 1)[0] not in _RESERVED:
+        return name
+    folded = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    slug = _UNSAFE.sub("_", folded).lstrip(".-")[:_SLUG_CHARS].rstrip(".") or "_"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    return f"{slug}~{digest}"
+
+
+def legacy_name(name: str) -> str:
+    """The name archives written before :func:`archive_name` used (it mapped ``fan/01``,
+    ``fan 01`` and ``fan_01`` alike); readers still look there, and filter by the exact id."""
+    return _UNSAFE.sub("_", name).lstrip(".") or "_"
 
 
 def partition_rel(machine_type: str, device_id: str, date: str) -> str:
-    return f"{safe_name(machine_type)}/{safe_name(device_id)}/{date}"
+    return f"{archive_name(machine_type)}/{archive_name(device_id)}/{date}"
 
 
 def segment_name(device_id: str, first_seq: int, last_seq: int) -> str:
-    return f"{safe_name(device_id)}_{first_seq:010d}-{last_seq:010d}.flac"
+    return f"{archive_name(device_id)}_{first_seq:010d}-{last_seq:010d}.flac"
 
 
 def _manifest_bytes(entries: list[dict[str, Any]]) -> bytes:

@@ -210,7 +210,10 @@ class SegmentWriter:
         seg = self.open.get(h.device_id)
         if seg is not None and any(p.chunk.seq == h.seq for p in seg.chunks):
             return True
-        return any(e["first_seq"] <= h.seq <= e["last_seq"] for e in self._entries(rel))
+        # The exact ids, not the folder: an archive written before archive_name() may hold
+        # several devices' segments in one folder.
+        return any(e["first_seq"] <= h.seq <= e["last_seq"] and e["device_id"] == h.device_id
+                   and e["machine_type"] == h.machine_type for e in self._entries(rel))
 
     def add(self, p: _Pending, now: float) -> None:
         h = p.chunk.header
