@@ -143,6 +143,9 @@ class ModelSettings(_Section):
 class MetricsSettings(_Section):
     port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port (0: disabled)")
     host: str = "0.0.0.0"
+    max_device_series: int = Field(
+        1000, ge=0, description="most devices with asd_device_last_score/asd_device_threshold series per "
+        "processor worker; devices beyond get none and are counted in asd_device_series_dropped_total")
 
 
 class ProcessorSettings(_Section):

@@ -1,8 +1,10 @@
 """Prometheus metrics of stream-asd: one place where every ``asd_*`` series is defined.
 
 Conventions: base units (seconds, bytes), ``_total`` counters, histograms for latencies, no
-``device_id`` label on histograms (cardinality); a per-device last-score gauge is fine for a few
-thousand devices. Faust's own sensor names break Prometheus conventions, so we define ours.
+``device_id`` label on histograms (cardinality). The per-device gauges go through
+:class:`DeviceSeries`: removed when the processor forgets a device, and capped at
+``metrics.max_device_series`` devices (device ids come straight from the messages). Faust's
+own sensor names break Prometheus conventions, so we define ours.
 
 Each process builds its own :class:`ProducerMetrics` / :class:`ProcessorMetrics` on a registry
 (the default one in production; a fresh one per test) and serves it with :func:`serve`.
@@ -71,6 +73,9 @@ class ProcessorMetrics:
                                 ["device_id", "machine_type"], registry=r)
         self.threshold = Gauge("asd_device_threshold", "Decision threshold in force per device",
                                ["device_id", "machine_type"], registry=r)
+        self.device_series_dropped = Counter(
+            "asd_device_series_dropped_total", "Devices given no asd_device_* series because "
+            "metrics.max_device_series devices already had them", registry=r)
         self.model_info = Info("asd_model", "Model bundle in use", registry=r)
         self.model_loaded_at = Gauge("asd_model_loaded_timestamp_seconds", "When the model in use was loaded",
                                      registry=r)
@@ -87,6 +92,54 @@ class ProcessorMetrics:
                                       registry=r)
         self.windows_in_flight = Gauge("asd_windows_in_flight", "Windows decided but not yet scored and acknowledged",
                                        registry=r)
+
+
+class DeviceSeries:
+    """The per-device gauges (``asd_device_last_score``, ``asd_device_threshold``) of at most
+    ``limit`` devices.
+
+    A device gets its series on its first score while fewer than ``limit`` devices have them;
+    past that it gets none and ``asd_device_series_dropped_total`` counts it once (until it is
+    removed). :meth:`remove` drops a device's series when the processor forgets the device
+    (idle eviction, revoked partition), which frees its place.
+    """
+
+    def __init__(self, metrics: ProcessorMetrics, limit: int):
+        self.metrics = metrics
+        self.limit = limit
+        self._machine_type: dict[str, str] = {}  # device -> machine_type label of its series
+        self._refused: set[str] = set()  # devices counted as dropped (no series)
+
+    def set(self, device_id: str, machine_type: str, score: float, threshold: float) -> None:
+        old = self._machine_type.get(device_id)
+        if old is None:
+            if len(self._machine_type) >= self.limit:
+                if device_id not in self._refused:
+                    self._refused.add(device_id)
+                    self.metrics.device_series_dropped.inc()
+                return
+            self._refused.discard(device_id)
+        elif old != machine_type:
+            self._remove_labels(device_id, old)
+        self._machine_type[device_id] = machine_type
+        self.metrics.last_score.labels(device_id=device_id, machine_type=machine_type).set(score)
+        self.metrics.threshold.labels(device_id=device_id, machine_type=machine_type).set(threshold)
+
+    def remove(self, device_id: str) -> None:
+        self._refused.discard(device_id)
+        machine_type = self._machine_type.pop(device_id, None)
+        if machine_type is not None:
+            self._remove_labels(device_id, machine_type)
+
+    def _remove_labels(self, device_id: str, machine_type: str) -> None:
+        for gauge in (self.metrics.last_score, self.metrics.threshold):
+            try:
+                gauge.remove(device_id, machine_type)
+            except KeyError:
+                pass
+
+    def __len__(self) -> int:
+        return len(self._machine_type)
 
 
 def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None = None):

@@ -313,6 +313,8 @@ def test_chart_defaults_agree_with_app_config():
     for key in ("audio", "scores", "alerts", "dlq", "models", "partitions"):
         assert values["topics"][key] == defaults["topics"][key]
     assert values["metrics"]["port"] == defaults["metrics"]["port"] == 9108
+    assert values["metrics"]["maxDeviceSeries"] == defaults["metrics"]["max_device_series"] == 1000
+    assert env["ASD_METRICS__MAX_DEVICE_SERIES"] == "1000"
     assert container["ports"][0]["containerPort"] == defaults["metrics"]["port"]
     assert values["processor"]["groupId"] == defaults["processor"]["group_id"]
     assert values["processor"]["webPort"] == defaults["processor"]["workers_web_port"]

@@ -42,10 +42,10 @@ class FakeBroker:
         return [s for s in self.sent if s[0] == topic]
 
 
-def make(detector=None, clock=None):
+def make(detector=None, clock=None, registry=None, **sections):
     settings = load_settings(None, {"audio": {"chunk_seconds": 1.0}, "window": {"seconds": 4, "hop_seconds": 2},
-                                    "batch": {"max_size": 8, "max_wait_ms": 0}})
-    metrics = ProcessorMetrics(CollectorRegistry())
+                                    "batch": {"max_size": 8, "max_wait_ms": 0}, **sections})
+    metrics = ProcessorMetrics(registry or CollectorRegistry())
     runner = ModelRunner(detector or ps.RmsDetector(), metrics, window_samples=4 * ps.SR)
     broker = FakeBroker()
     kw = {"clock": clock} if clock is not None else {}
@@ -222,5 +222,84 @@ def test_stray_of_an_evicted_device_does_not_pin_the_offset():
         assert len(proc.assembler) == 0
         assert proc.commits_due() == {TP: 13}
         assert proc.metrics.chunks_late._value.get() == 1
+
+    asyncio.run(main())
+
+
+# -- per-device series (issue 11: unbounded cardinality) --------------------------------------
+
+def device_series(samples: dict[str, float]) -> dict[str, set[str]]:
+    """Series name -> device ids it has, from a scrape."""
+    out: dict[str, set[str]] = {}
+    for key in samples:
+        name = key.split("{", 1)[0]
+        if name in ("asd_device_last_score", "asd_device_threshold"):
+            out.setdefault(name, set()).add(key.split('device_id="', 1)[1].split('"', 1)[0])
+    return out
+
+
+async def feed_windows(proc, broker, machines, first_seq, offset):
+    """Two windows per device ([s, s+4), [s+2, s+6)), scored and acknowledged."""
+    for seq in range(first_seq, first_seq + 6):
+        for m in machines:
+            await proc.on_message(TP, offset, *ps.chunk_message(m, seq))
+            offset += 1
+    await settle(proc)
+    broker.ack_all()
+    await settle(proc)
+    return offset
+
+
+def test_device_series_are_removed_at_eviction_and_capped():
+    """Over HTTP, as Prometheus sees it: with metrics.max_device_series = 3 and 5 devices, 3
+    have series and the dropped counter says 2 (once per device, not per window); once they
+    are evicted every per-device series is gone and new devices get the freed places."""
+    from stream_asd.metrics import serve
+
+    async def main():
+        now = [0.0]
+        registry = CollectorRegistry()
+        proc, broker = make(clock=lambda: now[0], registry=registry, metrics={"max_device_series": 3})
+        port = ps.free_port()
+        server = serve(port, "127.0.0.1", registry)
+        try:
+            machines = [ps.Machine(f"dev-{i}", "fan", 110.0 + 7 * i, seed=i) for i in range(5)]
+            offset = await feed_windows(proc, broker, machines, 0, 0)
+            assert len(broker.of("asd.scores")) == 10  # every device is scored; only its series are capped
+            got = ps.scrape(port)
+            series = device_series(got)
+            assert series["asd_device_last_score"] == series["asd_device_threshold"] == {"dev-0", "dev-1", "dev-2"}
+            assert got["asd_device_series_dropped_total"] == 2
+            # idle eviction: the open windows are decided, acknowledged, then the device is gone
+            now[0] = proc.settings.window.idle_evict_seconds + 1.0
+            await proc.maintenance()
+            await settle(proc)
+            broker.ack_all()
+            await settle(proc)
+            await proc.maintenance()
+            got = ps.scrape(port)
+            assert device_series(got) == {} and got["asd_active_devices"] == 0
+            # the places are free again: 3 of 4 new devices get series, the 4th is counted
+            new = [ps.Machine(f"new-{i}", "pump", 180.0 + 7 * i, seed=10 + i) for i in range(4)]
+            await feed_windows(proc, broker, new, 100, offset)
+            got = ps.scrape(port)
+            assert device_series(got)["asd_device_last_score"] == {"new-0", "new-1", "new-2"}
+            assert got["asd_device_series_dropped_total"] == 3
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    asyncio.run(main())
+
+
+def test_device_series_of_revoked_partitions_are_removed():
+    async def main():
+        proc, broker = make()
+        m = ps.fleet(1, faulty=())[0]
+        await feed_windows(proc, broker, [m], 0, 0)
+        assert len(proc.device_series) == 1
+        proc.on_revoked([TP])
+        assert len(proc.device_series) == 0
+        assert not any(s.samples for s in proc.metrics.last_score.collect())
 
     asyncio.run(main())

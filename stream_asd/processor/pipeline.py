@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import WireFormatError
-from ..metrics import ProcessorMetrics
+from ..metrics import DeviceSeries, ProcessorMetrics
 from ..wire import R_BAD_CHUNK_LENGTH, R_UNKNOWN_MACHINE_TYPE, ScoreRecord, decode_chunk, processing_error
 from .alerts import AlertTracker
 from .batcher import MicroBatcher
@@ -51,6 +51,7 @@ class StreamProcessor:
         self.runner = runner
         self.sinks = Sinks(send, settings.topics, metrics)
         self.metrics = metrics
+        self.device_series = DeviceSeries(metrics, settings.metrics.max_device_series)
         self.clock, self.wall_ns = clock, wall_ns
         self.device_part: dict[str, Hashable] = {}
         self.assigned: set | None = None  # None: accept every partition (no group protocol)
@@ -163,8 +164,8 @@ class StreamProcessor:
             mt = w.machine_type
             m.windows_scored.labels(machine_type=mt).inc()
             m.capture_to_score.labels(machine_type=mt).observe(latency)
-            m.last_score.labels(device_id=w.device_id, machine_type=mt).set(rec.score)
-            m.threshold.labels(device_id=w.device_id, machine_type=mt).set(rec.threshold)
+            if w.device_id in self.device_part:  # not revoked while the batch was scored
+                self.device_series.set(w.device_id, mt, rec.score, rec.threshold)
             if w.flags:
                 m.windows_gap_filled.inc()
             if rec.is_anomaly:
@@ -223,7 +224,8 @@ class StreamProcessor:
         await self._settle(self.assembler.evict_idle(self.clock()))
         live = set(self.assembler.devices)
         for d in [d for d in self.device_part if d not in live and not self.accounting.has_device(d)]:
-            del self.device_part[d]
+            del self.device_part[d]  # evicted and its last window resolved: the device is gone
+            self.device_series.remove(d)
         self.metrics.active_devices.set(len(self.assembler))
         self.metrics.chunks_uncommitted.set(self.ledger.outstanding())
         self.metrics.windows_in_flight.set(self.accounting.in_flight())
@@ -243,6 +245,7 @@ class StreamProcessor:
         self.accounting.forget(devices)
         for d in devices:
             self.device_part.pop(d, None)
+            self.device_series.remove(d)  # its new owner reports it
         self.ledger.drop(revoked)
         if self.assigned is not None:
             self.assigned -= revoked
