@@ -18,7 +18,7 @@ from stream_asd.demo.cache import ModelTiming
 from stream_asd.demo.console import Workspace
 from stream_asd.demo.errors import DemoError
 from stream_asd.demo.options import add_arguments
-from stream_asd.demo.processor import processor_env, processor_settings, processor_windows
+from stream_asd.demo.processor import processor_env, processor_settings, processor_windows, stream_hop
 from stream_asd.demo.summary import format_summary, fleet_summary, run_summary
 from stream_asd.demo.view import FleetView, render_table
 from stream_asd.wire import AlertRecord, ScoreRecord
@@ -102,6 +102,20 @@ def test_summary_names_every_false_alarm_on_a_healthy_microphone():
     assert "CAUGHT" in text and "RESULT: all injected faults caught" in text
 
 
+def test_summary_sets_the_calibrations_prediction_beside_the_measured_rate():
+    view = FleetView([("fan-00", "fan"), ("fan-01", "fan"), ("pump-00", "pump")], start_ns=0)
+    view.set_fault("fan-01", "bearing@40s", 40 * S)
+    view.on_alert(_alert("fan-00", "raised", 12 * S))
+    plan = SimpleNamespace(sources=[1, 2, 3], machine_types=["fan", "pump"])
+    s = run_summary(view, plan, None, {"stream": 8640.0}, {"fan": 0.1, "pump": 0.3})
+    p = s["predicted_false_alarms"]
+    # two healthy microphones (fan-00 at 0.1/day, pump-00 at 0.3/day) for a tenth of a day each
+    assert p["expected_in_run"] == pytest.approx(0.04) and p["healthy_device_days"] == pytest.approx(0.2)
+    assert p["measured_per_device_day"] == pytest.approx(5.0)  # 1 false alert in 0.2 device-days
+    assert "0.1-0.3 false alerts per device-day, 0.0400 expected in this run" in format_summary(s)
+    assert run_summary(view, plan, None, {"stream": 60.0})["predicted_false_alarms"] is None
+
+
 def test_no_fault_injected_or_one_missed_is_not_ok():
     plan = SimpleNamespace(sources=[1], machine_types=["fan"])
     view = FleetView([("fan-00", "fan")])
@@ -142,6 +156,9 @@ def test_processor_windows_follow_the_model():
     assert processor_windows(_demo_args(), ModelTiming(1.0, audio.sample_rate), audio) == (1.0, 1.0)
     assert processor_windows(_demo_args(), ModelTiming(4.0, audio.sample_rate), audio) == (4.0, 2.0)
     assert processor_windows(_demo_args("--hop", "3"), ModelTiming(2.0, audio.sample_rate), audio) == (2.0, 2.0)
+    # the hop the model's thresholds were calibrated for wins over half a window
+    assert processor_windows(_demo_args(), ModelTiming(4.0, audio.sample_rate, 1.0), audio) == (4.0, 1.0)
+    assert stream_hop(_demo_args(), audio) == 1.0 and stream_hop(_demo_args("--hop", "2"), audio) == 2.0
     with pytest.raises(DemoError, match="--window 2 differs"):
         processor_windows(_demo_args("--window", "2"), ModelTiming(1.0, audio.sample_rate), audio)
     with pytest.raises(DemoError, match="features.sample_rate"):

@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, console, ws, parts: ExitStack) -> int:
-    from .cache import model_timing, trained_model, training_set
+    from .cache import alert_rule_overrides, model_timing, trained_model, training_set
     from .fleet import plan_fleet
     from .kafka_setup import DemoKafka
     from .ports import port_or_free
-    from .processor import ProcessorProcess, processor_windows
+    from .processor import ProcessorProcess, processor_windows, stream_hop
     from .summary import format_summary, run_summary
     from .view import render_table
 
@@ -78,10 +78,12 @@ def _demo(args: argparse.Namespace, console, ws, parts: ExitStack) -> int:
 
     # 3. Model
     with console.step("train"):
-        bundle = trained_model(args, ws, data, console)
+        bundle = trained_model(args, ws, data, console,
+                               alert_rule_overrides(settings.alerts, stream_hop(args, settings.audio)))
 
     # 4. Stream processor: windows of the model's length
-    settings = kafka.settings(*processor_windows(args, model_timing(bundle), settings.audio))
+    timing = model_timing(bundle)
+    settings = kafka.settings(*processor_windows(args, timing, settings.audio))
     console.say(f"windows of {settings.window.seconds:g} s every {settings.window.hop_seconds:g} s; alerts after "
                 f"{settings.alerts.k} of {settings.alerts.n} windows over the threshold")
     producer_port = port_or_free(args.metrics_port)
@@ -97,7 +99,8 @@ def _demo(args: argparse.Namespace, console, ws, parts: ExitStack) -> int:
 
     # 6. Summary
     console.timings["total"] = time.monotonic() - t0
-    summary = run_summary(view, plan, report, console.timings, bundle=str(bundle), bootstrap=kafka.bootstrap,
+    summary = run_summary(view, plan, report, console.timings, timing.predicted_false_alerts_per_device_day,
+                          bundle=str(bundle), bootstrap=kafka.bootstrap,
                           topics=settings.topics.model_dump(), run_id=ws.run_id, logs=str(ws.logs))
     if console.color:
         print(render_table(view, "final state", True))

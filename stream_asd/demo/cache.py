@@ -20,8 +20,14 @@ from .console import Console, Workspace
 from .errors import DemoError
 from .fleet import REAL_MACHINE_TYPE, FleetPlan
 
-CLIP_SECONDS = 10
+CLIP_SECONDS = 5  # many short clips hear more of a machine's states than a few long ones
 TRAIN_START_S = 100_000  # training clips are rendered at stream times the demo never streams
+# Training clips are spread over stream time, not one stretch: a machine's healthy sound varies
+# over minutes (load, noise colour, a neighbouring machine switching on and off every ~40 s
+# slot), and a model that heard one minute of it flags the rest as anomalous (valve-id_02
+# alerted 5 s into the stream with score 31 over 1.79 when its 6 clips were consecutive).
+# 317 s: about five minutes, and no multiple of the 40 s slots.
+TRAIN_CLIP_SPACING_S = 317
 
 
 # -- training data --------------------------------------------------------------------------
@@ -51,7 +57,7 @@ def dataset_key(args: argparse.Namespace, plan: FleetPlan, sample_rate: int) -> 
     return {"devices": args.devices, "types": sorted({s.machine_type for s in plan.synthetic}), "seed": args.seed,
             "clips": args.clips_per_device, "real": str(real.folder) if real else None,
             "real_devices": args.real_devices, "real_train": args.real_train_clips, "sample_rate": sample_rate,
-            "v": 1}
+            "clip_seconds": CLIP_SECONDS, "spacing_s": TRAIN_CLIP_SPACING_S, "v": 2}
 
 
 def write_synthetic_clips(root: Path, sources: list, clips_per_device: int, sample_rate: int) -> None:
@@ -63,7 +69,7 @@ def write_synthetic_clips(root: Path, sources: list, clips_per_device: int, samp
         folder.mkdir(parents=True, exist_ok=True)
         clean = type(src)(src.profile, sample_rate, None)  # the same machine without its fault
         for j in range(clips_per_device):
-            start = (TRAIN_START_S + j * CLIP_SECONDS) * sample_rate
+            start = (TRAIN_START_S + j * TRAIN_CLIP_SPACING_S) * sample_rate
             # normal_id_XX -> device "fan-id_XX", the stream's device id
             write_audio(folder / f"normal_id_{src.profile.index:02d}_{j:08d}.wav", clean.render(start, n), sample_rate)
 
@@ -83,11 +89,13 @@ def copy_real_clips(root: Path, plan: FleetPlan, real_devices: int) -> int:
 # -- model ----------------------------------------------------------------------------------
 
 
-def trained_model(args: argparse.Namespace, ws: Workspace, data: Path, console: Console) -> Path:
-    """``asd-train fit`` as a subprocess, unless the cached bundle's key matches."""
+def trained_model(args: argparse.Namespace, ws: Workspace, data: Path, console: Console,
+                  rule: list[str] | None = None) -> Path:
+    """``asd-train fit`` as a subprocess, unless the cached bundle's key matches. ``rule``: the
+    stream's alert rule as overrides (:func:`alert_rule_overrides`), so thresholds are set for it."""
     bundle = ws.root / f"model-{args.profile}"
     stamp = ws.root / f"model-{args.profile}.json"
-    overrides = train_overrides(args)
+    overrides = [*(rule or []), *train_overrides(args)]
     key = {"data": json.loads((data / "dataset.json").read_text()), "profile": args.profile, "set": overrides,
            "code": training_code_hash()}
     if not args.retrain and bundle.is_dir() and stamp.exists() and json.loads(stamp.read_text()) == key:
@@ -123,6 +131,12 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def alert_rule_overrides(alerts, hop_seconds: float) -> list[str]:
+    """The processor's k-of-n rule and hop for the trainer: it sets each group's threshold so
+    that this rule gives alerts.max_false_alerts_per_device_day on healthy audio (docs/alerting.md)."""
+    return [f"alerts.k={alerts.k}", f"alerts.n={alerts.n}", f"alerts.hop_seconds={hop_seconds:g}"]
+
+
 def fit(cmd: list[str], log_path: Path) -> None:
     with log_path.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -154,12 +168,22 @@ def training_code_hash() -> str:
 
 @dataclass(frozen=True)
 class ModelTiming:
-    """What the stream must match: the bundle's window length and sample rate."""
+    """What the stream must match: the bundle's window length and sample rate; the hop its
+    thresholds were calibrated for and the false alerts per device-day they predict per group."""
 
     window_seconds: float
     sample_rate: int
+    calibrated_hop_seconds: float | None = None
+    predicted_false_alerts_per_device_day: dict[str, float] | None = None
 
 
 def model_timing(bundle: Path) -> ModelTiming:
-    spec = json.loads((bundle / "manifest.json").read_text())["feature_spec"]
-    return ModelTiming(float(spec["window_seconds"]), int(spec["sample_rate"]))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = manifest["feature_spec"]
+    calibration = {name: (g.get("thresholds") or {}).get("calibration") or {}
+                   for name, g in manifest["model_groups"].items()}
+    hops = {c["alert_rule"]["hop_s"] for c in calibration.values() if c.get("alert_rule")}
+    predicted = {name: float(c["predicted_false_alerts_per_device_day"]) for name, c in calibration.items()
+                 if c.get("predicted_false_alerts_per_device_day") is not None}
+    return ModelTiming(float(spec["window_seconds"]), int(spec["sample_rate"]),
+                       float(hops.pop()) if len(hops) == 1 else None, predicted or None)

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realdata", type=Path, default=None,
                         help=f"folder of the real clips (default {SHARED_REALDATA} when present)")
     parser.add_argument("--real-train-clips", type=int, default=24, help="real normal clips to train on (default 24)")
-    parser.add_argument("--clips-per-device", type=int, default=6, help="10 s training clips per synthetic device")
+    parser.add_argument("--clips-per-device", type=int, default=12,
+                        help="5 s training clips per synthetic device, about 5 min of stream time apart (default 12)")
     parser.add_argument("--profile", default="tiny", choices=["tiny", "cpu"], help="training profile (default tiny)")
     parser.add_argument("--train-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a training profile value (asd-train fit --set)")

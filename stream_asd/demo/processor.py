@@ -29,7 +29,8 @@ from .ports import free_port
 
 def processor_windows(args: argparse.Namespace, model: ModelTiming, audio: AudioSettings) -> tuple[float, float]:
     """The processor scores windows of the model's length at its sample rate (it refuses others);
-    hop: --hop or half a window, at least one chunk."""
+    hop: --hop, else the hop the model's thresholds were calibrated for, else half a window (at
+    least one chunk)."""
     if model.sample_rate != audio.sample_rate:
         raise DemoError(f"the model was trained at {model.sample_rate} Hz, the stream is {audio.sample_rate} Hz "
                         f"(audio.sample_rate); train with --train-set features.sample_rate={audio.sample_rate}")
@@ -38,8 +39,16 @@ def processor_windows(args: argparse.Namespace, model: ModelTiming, audio: Audio
         raise DemoError(f"--window {args.window:g} differs from the model's {window:g} s windows; "
                         "train with --train-set features.window_seconds=... instead")
     chunk = audio.chunk_seconds
-    hop = args.hop if args.hop is not None else max(chunk, round(window / 2 / chunk) * chunk)
+    hop = args.hop if args.hop is not None else model.calibrated_hop_seconds
+    if hop is None:
+        hop = max(chunk, round(window / 2 / chunk) * chunk)
     return window, min(hop, window)
+
+
+def stream_hop(args: argparse.Namespace, audio: AudioSettings) -> float:
+    """The hop the demo streams at, known before the model is trained: --hop, else one chunk
+    (the finest the processor can do; it is half a window for the cpu profile's 2 s windows)."""
+    return args.hop if args.hop is not None else audio.chunk_seconds
 
 
 def secret_keys() -> list[tuple[str, str]]:

@@ -53,9 +53,28 @@ def false_alarm(view: FleetView, v: DeviceView) -> dict[str, Any]:
             "windows": v.windows, "anomalous_windows": v.anomalous}
 
 
-def run_summary(view: FleetView, plan, report, timings: dict[str, float], **run_info: Any) -> dict[str, Any]:
+def predicted_false_alarms(s: dict[str, Any], stream_seconds: float,
+                           predicted_per_day: dict[str, float] | None) -> dict[str, Any] | None:
+    """What the bundle's calibration promises for this run: each healthy microphone's group rate
+    (false alerts per device-day) times the time it streamed, beside the measured count."""
+    if not predicted_per_day:
+        return None
+    healthy = [d for d in s["per_device"].values() if not d["fault"]]
+    rates = [predicted_per_day.get(d["machine_type"]) for d in healthy]
+    known = [r for r in rates if r is not None]
+    device_days = len(healthy) * stream_seconds / 86_400
+    measured = s["false_alarms_on_healthy"]
+    return {"per_device_day": {t: round(r, 4) for t, r in sorted(predicted_per_day.items())},
+            "expected_in_run": round(sum(known) * stream_seconds / 86_400, 5),
+            "healthy_device_days": round(device_days, 5),
+            "measured_per_device_day": round(measured / device_days, 3) if device_days else None}
+
+
+def run_summary(view: FleetView, plan, report, timings: dict[str, float],
+                predicted_per_day: dict[str, float] | None = None, **run_info: Any) -> dict[str, Any]:
     """The fleet summary plus the run around it: chunks, devices, timings, where things are."""
     s = fleet_summary(view)
+    s["predicted_false_alarms"] = predicted_false_alarms(s, timings.get("stream", 0.0), predicted_per_day)
     s.update({
         "ok": all_faults_caught(s),
         "devices": len(plan.sources), "machine_types": plan.machine_types,
@@ -89,10 +108,22 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['healthy_devices']} healthy microphones; anomalous windows {s['healthy_anomalous_windows']}"
         f"/{s['healthy_windows']})" + (":" if s["false_alarms"] else ""),
         *map(_false_alarm_line, s["false_alarms"]),
+        *_predicted_line(s.get("predicted_false_alarms")),
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings_s"].items()),
         "RESULT: " + ("all injected faults caught" if s["ok"] else "NOT all injected faults were caught"),
     ]
     return "\n".join(out)
+
+
+def _predicted_line(p: dict[str, Any] | None) -> list[str]:
+    if not p:
+        return []
+    rates = sorted(set(p["per_device_day"].values()))
+    rate = f"{rates[0]:g}" if len(rates) == 1 else f"{rates[0]:g}-{rates[-1]:g}"
+    measured = "n/a" if p["measured_per_device_day"] is None else f"{p['measured_per_device_day']:g}"
+    return [f"  predicted by the model's calibration: {rate} false alerts per device-day, "
+            f"{p['expected_in_run']:.4f} expected in this run ({p['healthy_device_days']:.4f} healthy device-days); "
+            f"measured {measured} per device-day"]
 
 
 def _fault_line(f: dict[str, Any]) -> str:
