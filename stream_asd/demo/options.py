@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra microphones replaying real normal clips from --realdata (default 2; 0: none)")
     parser.add_argument("--realdata", type=Path, default=None,
                         help=f"folder of the real clips (default {SHARED_REALDATA} when present)")
-    parser.add_argument("--real-train-clips", type=int, default=24, help="real normal clips to train on (default 24)")
+    parser.add_argument("--real-train-clips", type=int, default=60,
+                        help="real normal clips to train on (default 60; with 24 the held-out replays alarmed every loop)")
     parser.add_argument("--clips-per-device", type=int, default=12,
                         help="5 s training clips per synthetic device, about 5 min of stream time apart (default 12)")
     parser.add_argument("--profile", default="tiny", choices=["tiny", "cpu"], help="training profile (default tiny)")
