@@ -90,13 +90,14 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
     timings["train_s"] = round(time.perf_counter() - t0, 1)
 
+    from stream_asd.model.alert_rate import group_calibrations
     from stream_asd.model.detector import load_detector
 
     detector = load_detector(bundle, "cpu", max_batch=args.batch)
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = manifest["feature_spec"]
     sr, window_s = int(spec["sample_rate"]), float(spec["window_seconds"])
-    calibration = {name: g["thresholds"].get("calibration", {}) for name, g in manifest["model_groups"].items()}
+    calibration = group_calibrations(manifest)
     rule = next(iter(calibration.values()))["alert_rule"]
     scorer = StreamScorer(detector, sr, window_s, float(rule["hop_s"]), alerts, args.batch)
 

@@ -582,14 +582,17 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetLayoutError(f"no labelled clips in split {args.split!r} under {args.data}")
     from stream_asd.model.bundle import ModelBundle
 
-    kind = "?"
-    try:
-        kind = ModelBundle.read_manifest(args.bundle).get("kind", "?")
-    except Exception:  # noqa: BLE001 - the report still works without the kind
-        pass
-    from .operating_point import alerting_figures, alerting_lines, bundle_calibration
+    from stream_asd.model.alert_rate import group_calibrations
 
-    alerting = alerting_figures(clips, bundle_calibration(args.bundle))
+    from .operating_point import alerting_figures, alerting_lines
+
+    manifest: dict = {}
+    try:
+        manifest = ModelBundle.read_manifest(args.bundle)
+    except Exception:  # noqa: BLE001 - the report still works without the kind and calibration
+        pass
+    kind = manifest.get("kind", "?")
+    alerting = alerting_figures(clips, group_calibrations(manifest))
     metrics = write_report(clips, Path(args.out), {"bundle": str(args.bundle), "data": str(args.data),
                                                     "model_kind": kind, "clip_score": args.clip_score,
                                                     "seconds": round(time.perf_counter() - t0, 1),

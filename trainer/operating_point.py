@@ -12,19 +12,9 @@ audio alarms more often than the bundle promises.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 from stream_asd.model.alert_rate import AlertRule, false_alerts_per_day
-
-
-def bundle_calibration(bundle: str | Path) -> dict[str, dict]:
-    """``model_groups.<group>.thresholds.calibration`` of a bundle's manifest (empty for bundles
-    made before thresholds were calibrated to a target)."""
-    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-    return {name: dict((g.get("thresholds") or {}).get("calibration") or {})
-            for name, g in manifest.get("model_groups", {}).items()}
 
 
 def alerting_figures(clips: Sequence[Any], calibration: dict[str, dict]) -> dict[str, dict]:

@@ -180,8 +180,9 @@ class ModelTiming:
 def model_timing(bundle: Path) -> ModelTiming:
     manifest = json.loads((bundle / "manifest.json").read_text())
     spec = manifest["feature_spec"]
-    calibration = {name: (g.get("thresholds") or {}).get("calibration") or {}
-                   for name, g in manifest["model_groups"].items()}
+    from ..model.alert_rate import group_calibrations
+
+    calibration = group_calibrations(manifest)
     hops = {c["alert_rule"]["hop_s"] for c in calibration.values() if c.get("alert_rule")}
     predicted = {name: float(c["predicted_false_alerts_per_device_day"]) for name, c in calibration.items()
                  if c.get("predicted_false_alerts_per_device_day") is not None}

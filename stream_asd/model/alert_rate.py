@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 SECONDS_PER_DAY = 86_400.0
 
-__all__ = ["AlertRule", "false_alerts_per_day", "exceedance_for_target"]
+__all__ = ["AlertRule", "false_alerts_per_day", "exceedance_for_target", "group_calibrations"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,11 @@ def exceedance_for_target(target_per_day: float, rule: AlertRule) -> float:
         raise ValueError(f"alerts.max_false_alerts_per_device_day must be > 0, got {target_per_day}")
     ways = math.comb(rule.n_slots - 1, rule.k_slots - 1)
     return min(0.5, (target_per_day / (rule.slots_per_day * ways)) ** (1.0 / rule.k_slots))
+
+
+def group_calibrations(manifest: dict) -> dict[str, dict]:
+    """``model_groups.<group>.thresholds.calibration`` of a bundle manifest, per group: the
+    quantile, target, alert rule and predicted rate the trainer set (empty dicts for bundles
+    made before thresholds were calibrated to a target)."""
+    return {name: dict((g.get("thresholds") or {}).get("calibration") or {})
+            for name, g in manifest.get("model_groups", {}).items()}
