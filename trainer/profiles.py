@@ -122,6 +122,12 @@ class ScoringSettings:
     # hop (fraction of the window) of the windows the GMMs and thresholds are fitted on; finer
     # than features.train_hop_fraction gives the 128-d full covariance more (overlapping) windows
     fit_hop_fraction: float = 1.0
+    # novelty scorer per model part: gmm (the paper's Gaussian) or knn (DEVIATION 11: mean
+    # distance to the knn_k nearest of at most knn_bank normal windows; docs/model.md)
+    fusion_scorer: str = "gmm"
+    stats_scorer: str = "gmm"
+    knn_k: int = 1
+    knn_bank: int = 8192
 
 
 @dataclass
@@ -202,6 +208,19 @@ def alert_rule(profile: TrainProfile):
 
     a, window = profile.alerts, profile.features.window_seconds
     return AlertRule(k=a.k, n=a.n, window_s=window, hop_s=a.hop_seconds or window / 2)
+
+
+def check_scorers(profile: TrainProfile) -> None:
+    """Refuse scorer settings that ``EnsembleGroup.fit`` would only reject after training."""
+    from stream_asd.model.scorers import SCORER_KINDS
+
+    sc = profile.scoring
+    for part in ("fusion_scorer", "stats_scorer"):
+        if getattr(sc, part) not in SCORER_KINDS:
+            raise ConfigError(f"scoring.{part}={getattr(sc, part)!r}: use one of {', '.join(SCORER_KINDS)}")
+    if sc.knn_k < 1 or sc.knn_bank < sc.knn_k:
+        raise ConfigError(f"scoring.knn_k={sc.knn_k}, scoring.knn_bank={sc.knn_bank}: use knn_k >= 1 and "
+                          "knn_bank >= knn_k, e.g. --set scoring.knn_k=1")
 
 
 def threshold_calibration(profile: TrainProfile) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from stream_asd.model.networks import (ArcFaceHead, EmbeddingHead, EncoderConfig
 
 from . import ensemble as E
 from .data import load_windows
-from .profiles import TrainProfile, threshold_calibration
+from .profiles import TrainProfile, check_scorers, threshold_calibration
 
 log = logging.getLogger("trainer.fit")
 
@@ -48,6 +48,7 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
     # Every network stage and the normaliser learn from the fit clips only: the held-out
     # calibration clips must stay unseen until the thresholds are set on them, or thresholds
     # come out too low and unseen normals alarm more often than the quantile promises.
+    check_scorers(profile)  # a bad scoring setting fails before the networks train, not after
     ws = td.train.subset(td.fit_mask)
     n_classes = len(ws.classes)
     spec = feature_spec(profile)
@@ -137,6 +138,7 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
     from stream_asd.model.scoring import EnsembleGroup
 
     sc = profile.scoring
+    check_scorers(profile)
     target = threshold_calibration(profile)
     types = np.array(ws.machine_types)
     devs = np.array(device_ids(ws))
@@ -158,7 +160,8 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
             calib_band_means=band_means[sel_cal] if held_out else None,
             calib_device_ids=devs[sel_cal].tolist() if held_out else None,
             stats_log=sc.stats_log, per_device_min_windows=sc.device_gmm_min_windows or None,
-            tail=sc.threshold_tail)
+            tail=sc.threshold_tail, fusion_scorer=sc.fusion_scorer, stats_scorer=sc.stats_scorer,
+            knn_k=sc.knn_k, knn_bank=sc.knn_bank)
         if not held_out:
             log.warning("group %s: only %d held-out windows; thresholds from training normals come out too low "
                         "(more clips per device fix this)", mtype, sel_cal.sum())

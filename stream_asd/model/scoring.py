@@ -1,20 +1,15 @@
-"""Scoring (paper sec. 2.8, method.md "Scoring"): Gaussian NLL per model, standardised, ensembled,
-thresholded per model group (machine type) and per device.
+"""Scoring (paper sec. 2.8, method.md "Scoring"): a novelty score per model part, standardised,
+ensembled, thresholded per model group (machine type) and per device.
 
-- ``GaussianScorer``: scikit-learn ``GaussianMixture`` (1 component, 1000 EM iterations, full
-  covariance) fitted on training normals. ``nll(X)`` is the negative log-likelihood, computed
-  here in numpy from the exported parameters (so loading a bundle needs no pickled sklearn
-  object); ``score(X)`` standardises it by the mean/std of the training normals' NLL.
+- The scorers (stream_asd/model/scorers.py): ``GaussianScorer``, the paper's GMM (1 component,
+  full covariance, NLL computed in numpy from exported parameters, so loading a bundle needs
+  no pickled sklearn object), or ``KnnScorer`` (mean distance to the nearest normal windows);
+  ``score(X)`` standardises the raw score by its mean/std on held-out normals.
 - ``ensemble(fusion_z, stats_z, weights)``: 0.9 * fusion + 0.1 * statistics by default.
 - ``Thresholds`` (DEVIATION 5: the paper sets none): one threshold per model group (a high quantile of normal scores) and one per
   device once the device has at least ``min_device_windows`` normal windows.
 - ``EnsembleGroup`` / ``AeGroup``: everything one model group needs, exportable as plain arrays
   (safetensors) + JSON metadata.
-
-DEVIATION 4 (docs/model.md; numerically neutral): inputs are z-scored per dimension before the GMM. For a
-full-covariance Gaussian that only adds a constant to every NLL, which the NLL standardisation
-removes; it keeps the fit well conditioned when feature scales differ by many orders of
-magnitude (mel power statistics) and makes ``reg_covar`` a relative ridge.
 """
 
 from __future__ import annotations
@@ -25,8 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .scorers import GaussianScorer, KnnScorer, Scorer, _as_2d, make_scorer, scorer_from_parts
+
 __all__ = [
-    "GaussianScorer", "ensemble", "quantile_threshold", "device_quantile_thresholds", "Thresholds",
+    "GaussianScorer", "KnnScorer", "ensemble", "quantile_threshold", "device_quantile_thresholds", "Thresholds",
     "EnsembleGroup", "AeGroup", "DEFAULT_WEIGHTS", "DEFAULT_QUANTILE", "DEFAULT_MIN_DEVICE_WINDOWS",
 ]
 
@@ -34,152 +31,6 @@ DEFAULT_WEIGHTS: tuple[float, float] = (0.9, 0.1)  # (fusion, statistics), paper
 DEFAULT_QUANTILE = 0.99  # threshold = this quantile of normal scores (the paper sets none)
 DEFAULT_MIN_DEVICE_WINDOWS = 50  # per-device threshold once a device has this many normal windows
 MIN_RESTANDARDISE = 10  # EnsembleGroup.calibrate re-estimates NLL mean/std from this many windows on
-
-
-def _as_2d(x: Any) -> np.ndarray:
-    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2:
-        raise ValueError(f"expected a (N, D) array, got shape {a.shape}")
-    return a
-
-
-class GaussianScorer:
-    """GMM anomaly scorer: fit on normals, ``nll`` raw, ``score`` standardised (training normals:
-    mean 0, std 1).
-
-    >>> s = GaussianScorer().fit(train_embeddings)
-    >>> z = s.score(test_embeddings)        # (N,) float64
-    """
-
-    ARRAY_NAMES = ("in_mean", "in_scale", "weights", "means", "precisions_cholesky")
-
-    def __init__(self, n_components: int = 1, max_iter: int = 1000, covariance_type: str = "full",
-                 reg_covar: float = 1e-6, random_state: int = 0, standardise_inputs: bool = True):
-        if covariance_type != "full":
-            raise ValueError("GaussianScorer supports covariance_type='full' only (the paper's setting)")
-        self.n_components = int(n_components)
-        self.max_iter = int(max_iter)
-        self.covariance_type = covariance_type
-        self.reg_covar = float(reg_covar)
-        self.random_state = int(random_state)
-        self.standardise_inputs = bool(standardise_inputs)
-        self.in_mean: np.ndarray | None = None
-        self.in_scale: np.ndarray | None = None
-        self.weights: np.ndarray | None = None
-        self.means: np.ndarray | None = None
-        self.precisions_cholesky: np.ndarray | None = None
-        self.nll_mean = 0.0
-        self.nll_std = 1.0
-        self.n_train = 0
-        self.converged = True
-
-    @property
-    def fitted(self) -> bool:
-        return self.means is not None
-
-    @property
-    def dim(self) -> int:
-        if self.means is None:
-            raise ValueError("GaussianScorer is not fitted")
-        return int(self.means.shape[1])
-
-    def fit(self, X: Any, calibration: Any | None = None) -> "GaussianScorer":
-        """Fit the GMM on normals ``X``; standardise NLLs by their mean/std on ``X`` or, when
-        given, on held-out normals ``calibration`` (better when n_train is not >> dimension:
-        in-sample NLLs of a full-covariance fit are then optimistic and too tightly spread)."""
-        from sklearn.mixture import GaussianMixture  # lazy: only training needs scikit-learn
-
-        X = _as_2d(X)
-        if not np.all(np.isfinite(X)):
-            raise ValueError("GaussianScorer.fit: non-finite values in the training features")
-        if X.shape[0] < 2:
-            raise ValueError("GaussianScorer.fit needs at least 2 samples")
-        if self.standardise_inputs:
-            self.in_mean = X.mean(axis=0)
-            sd = X.std(axis=0)
-            self.in_scale = np.where(sd > 0, sd, 1.0)
-        else:
-            self.in_mean = np.zeros(X.shape[1])
-            self.in_scale = np.ones(X.shape[1])
-        Xs = (X - self.in_mean) / self.in_scale
-        gmm = GaussianMixture(n_components=self.n_components, covariance_type="full", max_iter=self.max_iter,
-                              reg_covar=self.reg_covar, random_state=self.random_state)
-        gmm.fit(Xs)
-        self.weights = np.asarray(gmm.weights_, dtype=np.float64)
-        self.means = np.asarray(gmm.means_, dtype=np.float64)
-        self.precisions_cholesky = np.asarray(gmm.precisions_cholesky_, dtype=np.float64)
-        self.converged = bool(gmm.converged_)
-        self.n_train = int(X.shape[0])
-        self.nll_mean, self.nll_std = 0.0, 1.0
-        self.restandardise(X if calibration is None else calibration)
-        return self
-
-    def nll(self, X: Any) -> np.ndarray:
-        """Negative log-likelihood per row (N,), float64, same as ``-GaussianMixture.score_samples``
-        on the standardised inputs."""
-        if not self.fitted:
-            raise ValueError("GaussianScorer is not fitted")
-        X = _as_2d(X)
-        if X.shape[1] != self.dim:
-            raise ValueError(f"feature dimension {X.shape[1]} != fitted dimension {self.dim}")
-        Xs = (X - self.in_mean) / self.in_scale
-        d = Xs.shape[1]
-        log_probs = []
-        for k in range(self.weights.shape[0]):
-            L = self.precisions_cholesky[k]
-            y = (Xs - self.means[k]) @ L
-            log_det = np.sum(np.log(np.diag(L)))
-            log_probs.append(-0.5 * (d * math.log(2 * math.pi) + np.sum(y * y, axis=1)) + log_det
-                             + math.log(self.weights[k]))
-        lp = np.stack(log_probs, axis=1)
-        m = lp.max(axis=1, keepdims=True)
-        return -(m[:, 0] + np.log(np.exp(lp - m).sum(axis=1)))
-
-    def restandardise(self, X: Any) -> None:
-        """Re-estimate the NLL mean/std on these normals (e.g. held-out calibration windows)."""
-        self.nll_mean, self.nll_std = 0.0, 1.0
-        nll = self.nll(X)
-        self.nll_mean = float(nll.mean())
-        sd = float(nll.std())
-        self.nll_std = sd if sd > 0 and math.isfinite(sd) else 1.0
-
-    def score(self, X: Any) -> np.ndarray:
-        """Standardised NLL: (nll - mean_train) / std_train."""
-        return (self.nll(X) - self.nll_mean) / self.nll_std
-
-    # --- plain-array export (never pickle) ---------------------------------------------------
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        if not self.fitted:
-            raise ValueError("GaussianScorer is not fitted")
-        return {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in self.ARRAY_NAMES}
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"n_components": self.n_components, "max_iter": self.max_iter,
-                "covariance_type": self.covariance_type, "reg_covar": self.reg_covar,
-                "random_state": self.random_state, "standardise_inputs": self.standardise_inputs,
-                "nll_mean": self.nll_mean, "nll_std": self.nll_std, "n_train": self.n_train,
-                "converged": self.converged, "dim": self.dim}
-
-    @classmethod
-    def from_parts(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "GaussianScorer":
-        s = cls(n_components=meta["n_components"], max_iter=meta["max_iter"],
-                covariance_type=meta["covariance_type"], reg_covar=meta["reg_covar"],
-                random_state=meta["random_state"], standardise_inputs=meta["standardise_inputs"])
-        for name in cls.ARRAY_NAMES:
-            setattr(s, name, np.asarray(arrays[name], dtype=np.float64))
-        s.nll_mean = float(meta["nll_mean"])
-        s.nll_std = float(meta["nll_std"])
-        s.n_train = int(meta["n_train"])
-        s.converged = bool(meta["converged"])
-        k, d = s.means.shape
-        if (s.weights.shape != (k,) or s.precisions_cholesky.shape != (k, d, d)
-                or s.in_mean.shape != (d,) or s.in_scale.shape != (d,) or d != int(meta["dim"])):
-            raise ValueError("GaussianScorer arrays have inconsistent shapes")
-        if not (s.nll_std > 0 and math.isfinite(s.nll_std) and math.isfinite(s.nll_mean)):
-            raise ValueError("GaussianScorer nll_mean/nll_std invalid")
-        return s
 
 
 def ensemble(fusion_z: Any, stats_z: Any, weights: Sequence[float] = DEFAULT_WEIGHTS) -> np.ndarray:
@@ -320,17 +171,20 @@ class EnsembleGroup:
     - ``device_scorers``: a (fusion, statistics) GaussianScorer pair per device id that had
       enough training windows; ``scores(..., device_ids)`` uses a device's own pair when present
       and the group's otherwise. DEVIATION 9: the paper fits one GMM pair per machine type/id set.
+    - scorer kinds (``fit(fusion_scorer=..., stats_scorer=...)``): ``gmm`` (the paper) or
+      ``knn`` (DEVIATION 11): cosine k-NN on fusion embeddings, Euclidean k-NN on z-scored
+      statistics features. Each part's kind is stored with it.
     """
 
     name: str
-    fusion: GaussianScorer
-    stats: GaussianScorer
+    fusion: Scorer
+    stats: Scorer
     stats_lambda: np.ndarray
     weights: tuple[float, float] = DEFAULT_WEIGHTS
     thresholds: Thresholds = field(default_factory=Thresholds)
     info: dict[str, Any] = field(default_factory=dict)  # free-form (n_train, device list, ...)
     stats_log: bool = False
-    device_scorers: dict[str, tuple[GaussianScorer, GaussianScorer]] = field(default_factory=dict)
+    device_scorers: dict[str, tuple[Scorer, Scorer]] = field(default_factory=dict)
 
     def stats_features(self, band_means: Any) -> np.ndarray:
         """The statistics GMM's input: lambda * band means (eq. 8), in log10 when ``stats_log``."""
@@ -344,7 +198,8 @@ class EnsembleGroup:
             reg_covar: float = 1e-6, max_iter: int = 1000, calib_fusion: Any | None = None,
             calib_band_means: Any | None = None, calib_device_ids: Sequence[str] | None = None,
             stats_log: bool = False, per_device_min_windows: int | None = None,
-            tail: str = "gaussian") -> "EnsembleGroup":
+            tail: str = "gaussian", fusion_scorer: str = "gmm", stats_scorer: str = "gmm",
+            knn_k: int = 1, knn_bank: int = 8192) -> "EnsembleGroup":
         """Fit both GMMs on training normals of this group. NLL standardisation and thresholds
         come from the same normals, or from held-out normals ``calib_*`` when given.
 
@@ -352,7 +207,9 @@ class EnsembleGroup:
         ``stats_lambda``: eq. 8 weights (M,); fitted here from ``band_means`` if None (the mean of
         per-clip means equals the mean over clips and frames for equal-length windows).
         ``per_device_min_windows``: also fit a GMM pair for every device id (``device_ids``) with
-        at least this many training windows (None: group GMMs only)."""
+        at least this many training windows (None: group GMMs only).
+        ``fusion_scorer`` / ``stats_scorer``: ``gmm`` or ``knn`` (``knn_k`` neighbours, a bank of
+        at most ``knn_bank`` windows)."""
         fe = _as_2d(fusion_embeddings)
         bm = _as_2d(band_means)
         lam = (bm.mean(axis=0) / bm.mean(axis=0).sum()) if stats_lambda is None else np.asarray(stats_lambda, dtype=np.float64)
@@ -362,9 +219,16 @@ class EnsembleGroup:
         group = cls(name, GaussianScorer(), GaussianScorer(), lam, (float(weights[0]), float(weights[1])),
                     stats_log=bool(stats_log))
         cbm = _as_2d(calib_band_means) if held_out else None
-        group.fusion = GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(fe, calib_fusion)
-        group.stats = GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(
-            group.stats_features(bm), None if cbm is None else group.stats_features(cbm))
+        common = {"k": knn_k, "max_bank": knn_bank, "reg_covar": reg_covar, "max_iter": max_iter}
+
+        def new_fusion():
+            return make_scorer(fusion_scorer, metric="cosine", **common)
+
+        def new_stats():
+            return make_scorer(stats_scorer, metric="euclidean", **common)
+
+        group.fusion = new_fusion().fit(fe, calib_fusion)
+        group.stats = new_stats().fit(group.stats_features(bm), None if cbm is None else group.stats_features(cbm))
         group.info["n_train"] = int(bm.shape[0])
         if per_device_min_windows is not None:
             if device_ids is None:
@@ -375,9 +239,8 @@ class EnsembleGroup:
             for dev in sorted(set(ids.tolist())):
                 sel = ids == dev
                 if sel.sum() >= max(2, per_device_min_windows):
-                    group.device_scorers[dev] = (
-                        GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(fe[sel]),
-                        GaussianScorer(max_iter=max_iter, reg_covar=reg_covar).fit(group.stats_features(bm[sel])))
+                    group.device_scorers[dev] = (new_fusion().fit(fe[sel]),
+                                                 new_stats().fit(group.stats_features(bm[sel])))
             group.info["per_device_min_windows"] = int(per_device_min_windows)
         if held_out:
             group.info["n_calibration"] = int(cbm.shape[0])
@@ -458,11 +321,9 @@ class EnsembleGroup:
 
     @classmethod
     def from_parts(cls, name: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> "EnsembleGroup":
-        def pair(prefix: str, m: Mapping[str, Any]) -> tuple[GaussianScorer, GaussianScorer]:
-            def sub(part: str) -> dict[str, np.ndarray]:
-                return {k: arrays[f"{prefix}.{part}.{k}"] for k in GaussianScorer.ARRAY_NAMES}
-
-            return GaussianScorer.from_parts(m["fusion"], sub("fusion")), GaussianScorer.from_parts(m["stats"], sub("stats"))
+        def pair(prefix: str, m: Mapping[str, Any]) -> tuple[Scorer, Scorer]:
+            return (scorer_from_parts(m["fusion"], arrays, f"{prefix}.fusion"),
+                    scorer_from_parts(m["stats"], arrays, f"{prefix}.stats"))
 
         prefix = meta["arrays"]
         fusion, stats = pair(prefix, meta)
