@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from stream_asd.audio.synth import write_dataset
+    from stream_asd.audio.synth_dataset import write_dataset
     from trainer.fit import fit
     from trainer.profiles import get_profile
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/model_quality.py OUT_DIR [--types fan pump slider] [--devices 4]
         [--n-train 24] [--n-test 10] [--seed 1] [--profile cpu] [--set SECTION.KEY=VALUE ...]
 
-1. Writes a DCASE2020-layout synthetic data set with ``stream_asd.audio.synth.write_dataset``:
+1. Writes a DCASE2020-layout synthetic data set with ``stream_asd.audio.synth_dataset.write_dataset``:
    >= 3 machine types x 4 devices; per device ``n_train`` normal training clips, ``n_test``
    normal and ``n_test`` anomalous test clips (faults bearing, imbalance, rubbing, drift,
    clogging cycled, severity uniform in [0.3, 1.0]). Test clips are rendered from stream times
@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=1, help="data set seed (devices and noise)")
+    ap.add_argument("--level-db", type=float, default=6.0,
+                    help="every clip at a random gain in [-DB, +DB] dB, so loudness carries no label (default 6; "
+                         "0 reproduces the data of the runs before 2 Dec 2026)")
     ap.add_argument("--train-seed", type=int, default=0, help="training seed (the first one with --seeds)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="train this many training seeds (train-seed, train-seed+1, ...) into OUT_DIR/seed-K and "
@@ -106,12 +109,12 @@ def main(argv=None) -> int:
 def _write_data(data: Path, args) -> float | None:
     """The synthetic data set (once: every seed trains on the same clips); seconds it took."""
     if not (data / "manifest.csv").exists():
-        from stream_asd.audio.synth import write_dataset
+        from stream_asd.audio.synth_dataset import write_dataset
 
         t0 = time.perf_counter()
         write_dataset(data, args.types, devices_per_type=args.devices, n_train=args.n_train,
                       n_test_normal=args.n_test, n_test_anomaly=args.n_test, seconds=args.seconds,
-                      seed=args.seed, faults=FAULTS, severity=(0.3, 1.0))
+                      seed=args.seed, faults=FAULTS, severity=(0.3, 1.0), level_db=args.level_db)
         return round(time.perf_counter() - t0, 1)
     return None
 
@@ -154,7 +157,7 @@ def _run_seed(out: Path, data: Path, args, train_seed: int) -> dict:
     result = {
         "data": {"types": args.types, "devices_per_type": args.devices, "n_train": args.n_train,
                  "n_test_normal": args.n_test, "n_test_anomaly": args.n_test, "seconds": args.seconds,
-                 "seed": args.seed, "faults": list(FAULTS), "severity": [0.3, 1.0]},
+                 "seed": args.seed, "faults": list(FAULTS), "severity": [0.3, 1.0], "level_db": args.level_db},
         "profile": args.profile, "overrides": args.set, "train_seed": train_seed,
         "clip_score": "median",
         "ensemble": _summary(ens), "ae": _summary(ae) if ae else None,
@@ -237,6 +240,7 @@ def _analyse_and_write(out: Path, result: dict, data: Path | None = None) -> Non
     scored = {model: _window_parts(out / f"bundle-{model}", data)
               for model in ("ensemble", "ae") if (out / f"bundle-{model}").exists()}
     result["per_fault_auc"] = per_fault(scored, data)
+    result["loudness_auc"] = loudness_auc(data)
     result["window_level_auc"] = {model: {"mean_auc": round(_type_mean_auc(per_dev, "score"), 4)}
                                   for model, per_dev in scored.items()}
     if "ensemble" in scored:
@@ -244,6 +248,36 @@ def _analyse_and_write(out: Path, result: dict, data: Path | None = None) -> Non
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(result))
     print(_markdown(result))
+
+
+def loudness_auc(data: Path) -> dict:
+    """How much label information loudness alone carries: per machine type, the AUC of a
+    detector that scores a test clip by its RMS level (louder = more anomalous) and of one that
+    scores by the distance of its level from the median level of its device's training normals
+    (either direction). Both must sit near 0.5 for the benchmark to measure more than level."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from trainer.data import list_clips, load_wave
+
+    def level_db(path) -> float:
+        w = load_wave(path, 16000).numpy().astype(np.float64)
+        return float(10 * np.log10(np.mean(w ** 2) + 1e-20))
+
+    ref: dict = {}
+    for c in list_clips(data, split="train"):
+        ref.setdefault((c.machine_type, c.machine_id), []).append(level_db(c.path))
+    out: dict = {"per_type": {}}
+    for mtype in sorted({c.machine_type for c in list_clips(data, split="test")}):
+        test = [c for c in list_clips(data, split="test") if c.machine_type == mtype]
+        y = [int(c.label == "anomaly") for c in test]
+        lv = np.array([level_db(c.path) for c in test])
+        dev = np.abs(lv - np.array([np.median(ref[(c.machine_type, c.machine_id)]) for c in test]))
+        out["per_type"][mtype] = {"rms_auc": round(float(roc_auc_score(y, lv)), 4),
+                                  "level_deviation_auc": round(float(roc_auc_score(y, dev)), 4)}
+    for key in ("rms_auc", "level_deviation_auc"):
+        out[f"mean_{key}"] = round(float(np.mean([v[key] for v in out["per_type"].values()])), 4)
+    return out
 
 
 def _window_parts(bundle: Path, data: Path) -> dict:
@@ -384,6 +418,11 @@ def _markdown(r: dict) -> str:
             w = row["weight_fusion"]
             lines.append(f"| {w:.1f} / {1 - w:.1f} | {pct(row['window_auc'])} | {pct(row['clip_median_auc'])} | "
                          f"{pct(row['clip_mean_auc'])} |")
+    la = r.get("loudness_auc")
+    if la:
+        lines += ["", f"Loudness alone (data level_db {r['data'].get('level_db', 0)}): clip-RMS detector "
+                  f"{pct(la['mean_rms_auc'])} %, level-deviation detector {pct(la['mean_level_deviation_auc'])} % "
+                  "mean AUC (near 50 %: level carries no label)."]
     pf = r.get("per_fault_auc") or {}
     if pf:
         lines += ["", "Per fault (each device's normals vs its anomalies of that fault, mean over devices, AUC %):", "",

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from stream_asd.audio.synth import write_dataset
+    from stream_asd.audio.synth_dataset import write_dataset
 
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, ["fan"], devices_per_type=2, n_train=14, n_test_normal=1, n_test_anomaly=1,

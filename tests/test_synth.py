@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stream_asd.audio import synth as S
+from stream_asd.audio.synth_dataset import write_dataset
 from stream_asd.audio.datasets import iter_clips
 from stream_asd.audio.io import read_audio
 
@@ -172,7 +173,7 @@ def _cpu_timed(fn) -> float:
 def test_write_dataset_layout_manifest_and_determinism(tmp_path):
     kwargs = dict(machine_types=["fan", "valve"], devices_per_type=2, n_train=2, n_test_normal=1, n_test_anomaly=3,
                   seconds=0.5, seed=9, severity=(0.4, 0.8))
-    out = S.write_dataset(tmp_path / "a", **kwargs)
+    out = write_dataset(tmp_path / "a", **kwargs)
     clips = iter_clips(out)  # manifest.csv
     by_files = iter_clips(out, layout="dcase2020")
     assert [(c.path, c.machine_type, c.machine_id, c.split, c.label) for c in clips] == \
@@ -191,13 +192,30 @@ def test_write_dataset_layout_manifest_and_determinism(tmp_path):
     row = next(r for r in rows if r["split"] == "test" and r["label"] == "normal")
     ref = S.render(S.DeviceProfile(row["machine_type"], int(row["machine_id"][3:]), 9), float(row["start_s"]), 0.5)
     assert np.max(np.abs(read_audio(out / row["path"]) - ref)) <= 1 / 32768 + 1e-6
-    again = S.write_dataset(tmp_path / "b", **kwargs)
+    again = write_dataset(tmp_path / "b", **kwargs)
 
     def digest(root):
         return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(root.rglob("*")) if p.is_file()}
 
     assert digest(out) == digest(again)
+
+
+def test_write_dataset_level_randomisation_changes_only_the_gain(tmp_path):
+    kwargs = dict(machine_types=["fan"], devices_per_type=1, n_train=6, n_test_normal=2, n_test_anomaly=2,
+                  seconds=0.5, seed=3)
+    plain = write_dataset(tmp_path / "plain", **kwargs)
+    varied = write_dataset(tmp_path / "varied", level_db=6.0, **kwargs)
+    rows = list(csv.DictReader((varied / "manifest.csv").open()))
+    gains = np.array([float(r["gain_db"]) for r in rows])
+    assert np.all(np.abs(gains) <= 6.0 + 1e-9) and np.ptp(gains) > 3.0  # spread, within range
+    for r, g in zip(rows, gains):
+        a, b = read_audio(plain / r["path"]), read_audio(varied / r["path"])
+        ratio_db = 20 * np.log10(np.sqrt(np.mean(b ** 2)) / np.sqrt(np.mean(a ** 2)))
+        assert abs(ratio_db - g) < 0.05 and np.max(np.abs(b)) <= 0.99 + 1 / 32768
+    assert all(float(r["gain_db"]) == 0.0 for r in csv.DictReader((plain / "manifest.csv").open()))
+    with pytest.raises(S.SynthError, match="level_db"):
+        write_dataset(tmp_path / "bad", level_db=-1.0, **kwargs)
 
 
 def test_synth_cli(tmp_path):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from stream_asd.audio.synth import write_dataset
+    from stream_asd.audio.synth_dataset import write_dataset
 
     root = tmp_path_factory.mktemp("synth")
     # 2 types x 2 devices, 2 s clips; anomalies at full severity with energy-changing faults

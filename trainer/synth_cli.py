@@ -3,7 +3,7 @@
 Example::
 
     asd-train synth --out data/synth --machine-types fan pump valve --devices-per-type 4 \\
-        --train 100 --test-normal 50 --test-anomaly 50 --seconds 10 --seed 1
+        --train 100 --test-normal 50 --test-anomaly 50 --seconds 10 --seed 1 --level-db 6
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 
-from stream_asd.audio import synth
+from stream_asd.audio import synth, synth_dataset
 
 log = logging.getLogger("trainer.synth")
 
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--severity", nargs=2, type=float, default=[0.3, 1.0], metavar=("LO", "HI"),
                         help="anomaly severity drawn uniformly from [LO, HI] within [0, 1] (default 0.3 1.0)")
     parser.add_argument("--sample-rate", type=int, default=16000, metavar="HZ", help="sample rate (16000)")
+    parser.add_argument("--level-db", type=float, default=0.0, metavar="DB",
+                        help="scale every clip by a gain uniform in [-DB, +DB] dB so that loudness carries no "
+                             "label information (default 0: levels as rendered)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 log.info("%d/%d clips (%.0f s)", done, total, now - started)
 
-    out = synth.write_dataset(args.out, args.machine_types, args.devices_per_type, args.train, args.test_normal,
-                              args.test_anomaly, args.seconds, args.seed, args.faults, tuple(args.severity),
-                              args.sample_rate, progress=progress)
+    out = synth_dataset.write_dataset(args.out, args.machine_types, args.devices_per_type, args.train,
+                                      args.test_normal, args.test_anomaly, args.seconds, args.seed, args.faults,
+                                      tuple(args.severity), args.sample_rate, level_db=args.level_db,
+                                      progress=progress)
     from stream_asd.audio.datasets import iter_clips
 
     clips = iter_clips(out)

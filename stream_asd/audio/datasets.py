@@ -13,7 +13,7 @@ or section, split, label, domain). Layouts (method.md, "Evaluation"):
   (DCASE2021-2024, MIMII DUE, MIMII DG; ``machine_id`` = ``section_XX``, ``domain`` set).
 - ``manifest``: a ``manifest.csv`` at the root with columns ``path, label`` and optionally
   ``machine_type, machine_id, split, domain`` (the layout of ``shared/realdata`` and of the
-  synthetic data sets ``synth.write_dataset`` writes). Paths are relative to the CSV.
+  synthetic data sets ``synth_dataset.write_dataset`` writes). Paths are relative to the CSV.
 
 The DCASE layouts also accept plain folders of DCASE-named files without ``train``/``test``
 subfolders (``<type>/*.wav`` or the files directly in the root): fields come from the file name,

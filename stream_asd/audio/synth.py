@@ -1,4 +1,4 @@
-"""Synthetic machine sounds: a deterministic fleet of devices, fault injection, data sets.
+"""Synthetic machine sounds: a deterministic fleet of devices and fault injection.
 
 What it makes
 - Machine types (``MACHINE_TYPES``): ``fan`` (shaft and blade-pass harmonics, broadband airflow
@@ -37,22 +37,19 @@ Example::
     fleet = make_fleet(8, ["fan", "pump"], seed=0)          # fan-00, pump-00, fan-01, ...
     x = render(fleet[0], 0.0, 10.0)                          # float32, 160000 samples
     y = render(fleet[0], 0.0, 10.0, fault=Fault("bearing", 0.6))
-    write_dataset("data/synth", ["fan", "pump", "valve"], devices_per_type=4, seed=1)
+
+Data sets in the DCASE2020 layout: :mod:`stream_asd.audio.synth_dataset` (``write_dataset``).
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import hashlib
-import json
 import math
 import numbers
-import os
 import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -61,7 +58,7 @@ from ..errors import AsdError
 
 __all__ = [
     "MACHINE_TYPES", "FAULT_TYPES", "FAULTS_BY_TYPE", "GENERATOR_VERSION", "BLOCK", "SynthError",
-    "DeviceProfile", "Fault", "make_fleet", "render", "render_samples", "write_dataset",
+    "DeviceProfile", "Fault", "make_fleet", "render", "render_samples",
 ]
 
 #: Bumped whenever the same (profile, fault, time) would render different samples.
@@ -944,95 +941,3 @@ def _soft_limit(x: np.ndarray) -> np.ndarray:
         u = (mag[over] - _SOFT_KNEE) / (1 - _SOFT_KNEE)
         x[over] = np.sign(x[over]) * (_SOFT_KNEE + (1 - _SOFT_KNEE) * 0.98 * u / (1 + u))
     return x.astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------
-# Data sets
-
-
-MANIFEST_COLUMNS = ["path", "dataset", "machine_type", "machine_id", "split", "domain", "label", "sample_rate",
-                    "channels", "duration_s", "sha256", "device_id", "start_s", "fault", "severity"]
-
-
-def write_dataset(out_dir: str | os.PathLike, machine_types: Sequence[str] = ("fan", "pump", "valve"),
-                  devices_per_type: int = 4, n_train: int = 100, n_test_normal: int = 50,
-                  n_test_anomaly: int = 50, seconds: float = 10.0, seed: int = 0,
-                  faults: Sequence[str] = FAULT_TYPES, severity: tuple[float, float] = (0.3, 1.0),
-                  sample_rate: int = 16000, progress=None) -> Path:
-    """Write a DCASE2020-layout data set and its ``manifest.csv``; returns ``out_dir``.
-
-    ``<type>/train/normal_id_XX_NNNNNNNN.wav`` and ``<type>/test/{normal,anomaly}_id_XX_NNNNNNNN.wav``
-    per device (``id_XX`` = device index). Train clips are consecutive stretches of each
-    device's stream; test normals come later, anomalies later still, each anomaly with one of
-    the ``faults`` that apply to the machine type (cycled) at a severity uniform in ``severity``.
-    The manifest (columns ``MANIFEST_COLUMNS``) records the fault and severity of each anomaly.
-    Same arguments, same bytes.
-    """
-    from .io import write_audio
-
-    out = Path(out_dir)
-    types = list(machine_types)
-    unknown = [t for t in types if t not in MACHINE_TYPES]
-    if unknown or not types:
-        raise SynthError(f"machine types {types}: use some of {list(MACHINE_TYPES)}")
-    bad = [f for f in faults if f not in FAULT_TYPES]
-    if bad:
-        raise SynthError(f"unknown fault type(s) {bad}; the generator knows {list(FAULT_TYPES)}")
-    lo, hi = (float(x) for x in severity)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise SynthError(f"severity range {severity} must satisfy 0 <= lo <= hi <= 1")
-    if min(devices_per_type, n_train, n_test_normal, n_test_anomaly) < 0 or seconds <= 0:
-        raise SynthError("counts must be >= 0 and seconds > 0")
-    if n_test_anomaly and not all(set(faults) & set(FAULTS_BY_TYPE[t]) for t in types):
-        raise SynthError(f"none of the faults {list(faults)} applies to one of {types}; see FAULTS_BY_TYPE")
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    total = len(types) * devices_per_type * (n_train + n_test_normal + n_test_anomaly)
-    done = 0
-    gap = 60.0  # seconds of stream between the parts, so no two clips overlap
-    for machine_type in types:
-        applicable = [f for f in faults if f in FAULTS_BY_TYPE[machine_type]]
-        for index in range(devices_per_type):
-            device = DeviceProfile(machine_type, index, int(seed))
-            pick = np.random.default_rng([int(seed), _key(machine_type, index, "dataset")])
-            parts = [("train", "normal", n_train), ("test", "normal", n_test_normal),
-                     ("test", "anomaly", n_test_anomaly)]
-            t0 = gap
-            for split, label, count in parts:
-                folder = out / machine_type / split
-                folder.mkdir(parents=True, exist_ok=True)
-                for k in range(count):
-                    start_s = t0 + k * seconds
-                    fault = None
-                    if label == "anomaly":
-                        fault = Fault(applicable[k % len(applicable)], round(float(pick.uniform(lo, hi)), 4), 0.0, 0.0)
-                    x = render(device, start_s, seconds, sample_rate, fault)
-                    path = folder / f"{label}_{device.machine_id}_{k:08d}.wav"
-                    write_audio(path, x, sample_rate)
-                    rows.append({
-                        "path": path.relative_to(out).as_posix(), "dataset": f"synthetic v{GENERATOR_VERSION} seed {seed}",
-                        "machine_type": machine_type, "machine_id": device.machine_id, "split": split, "domain": "",
-                        "label": label, "sample_rate": sample_rate, "channels": 1, "duration_s": seconds,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "device_id": device.device_id,
-                        "start_s": start_s, "fault": fault.type if fault else "",
-                        "severity": fault.severity if fault else "",
-                    })
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                t0 += count * seconds + gap
-    rows.sort(key=lambda r: r["path"])
-    tmp = out / ".manifest.csv.tmp"
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
-    info = {"generator_version": GENERATOR_VERSION, "seed": seed, "machine_types": types,
-            "devices_per_type": devices_per_type, "n_train": n_train, "n_test_normal": n_test_normal,
-            "n_test_anomaly": n_test_anomaly, "seconds": seconds, "sample_rate": sample_rate,
-            "faults": list(faults), "severity": [lo, hi], "clips": len(rows),
-            "devices": [DeviceProfile(t, i, int(seed)).describe() for t in types for i in range(devices_per_type)]}
-    (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return out
-

@@ -351,7 +351,7 @@ class SyntheticSource(DeviceSource):
 
     def __init__(self, profile, sample_rate: int, fault=None):
         self.profile = profile
-        # "fan-id_00": the id a DCASE-layout copy of this device (synth.write_dataset) gets from
+        # "fan-id_00": the id a DCASE-layout copy of this device (synth_dataset.write_dataset) gets from
         # its file names, so per-device thresholds of a model trained on that copy apply.
         machine_id = getattr(profile, "machine_id", None)
         self.device_id = f"{profile.machine_type}-{machine_id}" if machine_id else str(profile.device_id)
