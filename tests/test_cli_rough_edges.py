@@ -1,0 +1,208 @@
+"""CLI rough edges (issue 11): each was a traceback, a silent abort or a flood of lines.
+
+`stream-asd score`: bad --hop-seconds and --out are usage errors found before any scoring; one
+bad file no longer aborts the run (the rest is scored, the failure is in stderr and the output,
+exit 1); progress lines on stderr; a FIFO is named as one. Trainer progress bars write plain
+lines when stderr is no terminal. Unrelated ASD_* variables are ignored. An unreachable broker
+gives a few librdkafka lines, not hundreds, before the clear message.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from _model_tiny import tiny_ensemble_bundle
+from stream_asd.cli import main
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    _, _, bundle = tiny_ensemble_bundle(groups=("ToyCar", "fan"))
+    return bundle.save(tmp_path_factory.mktemp("rough") / "bundle")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("ASD_"):
+            monkeypatch.delenv(name)
+
+
+def _wav(path: Path, seconds: float = 1.5, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = 0.1 * np.random.default_rng(seed).standard_normal(int(seconds * 16000)).astype(np.float32)
+    soundfile.write(path, x, 16000, subtype="PCM_16")
+    return path
+
+
+def _score(bundle, *args):
+    return main(["score", "--bundle", str(bundle), "--machine-type", "fan", "--device", "cpu", *map(str, args)])
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """Fails the test if any file is scored (usage errors must be found before)."""
+    from stream_asd.model import score_cli
+
+    def boom(*a, **k):
+        raise AssertionError("scoring started before a usage error was reported")
+
+    monkeypatch.setattr(score_cli, "score_files", boom)
+
+
+# -- 1. --hop-seconds ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hop", ["0", "-1", "nan", "inf", "1e-9"])
+def test_bad_hop_is_a_usage_error(bundle_path, tmp_path, capsys, no_scoring, hop):
+    wav = _wav(tmp_path / "a.wav")
+    assert _score(bundle_path, wav, "--hop-seconds", hop) == 2
+    err = capsys.readouterr().err
+    assert "--hop-seconds" in err and "Traceback" not in err
+    assert "e.g. --hop-seconds" in err  # says what to give instead
+
+
+# -- 2. --out --------------------------------------------------------------------------------
+
+def test_bad_out_is_found_before_scoring(bundle_path, tmp_path, capsys, no_scoring):
+    wav = _wav(tmp_path / "a.wav")
+    # a folder
+    assert _score(bundle_path, wav, "--out", tmp_path) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # a parent that is a file, not a folder
+    (tmp_path / "plain").write_text("x")
+    assert _score(bundle_path, wav, "--out", tmp_path / "plain" / "o.csv") == 2
+    assert "not a folder" in capsys.readouterr().err
+    # a parent that cannot be created (even root cannot create folders in /proc)
+    assert _score(bundle_path, wav, "--out", "/proc/stream-asd-nope/o.csv") == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create" in err and "Traceback" not in err
+    assert not Path("/proc/stream-asd-nope").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_out_folder_is_found_before_scoring(bundle_path, tmp_path, capsys, no_scoring):
+    wav = _wav(tmp_path / "a.wav")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert _score(bundle_path, wav, "--out", ro / "o.csv") == 2
+        assert "cannot write" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_out_in_new_folder_written_atomically(bundle_path, tmp_path, capsys):
+    wav = _wav(tmp_path / "a.wav")
+    out = tmp_path / "new" / "deeper" / "o.csv"
+    assert _score(bundle_path, wav, "--out", out) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 1
+    assert [p.name for p in out.parent.iterdir()] == ["o.csv"]  # no temporary file left
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # the umask's mode, not a temp file's
+
+
+# -- 3. one bad file -------------------------------------------------------------------------
+
+def _folder_with_a_bad_file(tmp_path: Path) -> Path:
+    d = tmp_path / "clips"
+    _wav(d / "a_good.wav", seed=1)
+    (d / "b_broken.wav").write_bytes(b"RIFF\x00\x00not audio at all")
+    _wav(d / "c_good.wav", seconds=2.5, seed=2)
+    return d
+
+
+def test_bad_file_is_reported_and_the_rest_scored_csv(bundle_path, tmp_path, capsys):
+    d = _folder_with_a_bad_file(tmp_path)
+    out = tmp_path / "o.csv"
+    assert _score(bundle_path, d, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "b_broken.wav" in err and "cannot decode" in err and "Traceback" not in err
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    good = [r for r in rows if not r["error"]]
+    bad = [r for r in rows if r["error"]]
+    assert {Path(r["file"]).name for r in good} == {"a_good.wav", "c_good.wav"}
+    assert len(good) == 1 + 2
+    assert len(bad) == 1 and Path(bad[0]["file"]).name == "b_broken.wav" and "cannot decode" in bad[0]["error"]
+    assert bad[0]["score"] == ""
+
+
+def test_bad_file_is_reported_and_the_rest_scored_json(bundle_path, tmp_path, capsys):
+    d = _folder_with_a_bad_file(tmp_path)
+    out = tmp_path / "o.json"
+    assert _score(bundle_path, d, "--out", out, "--format", "json") == 1
+    doc = json.loads(out.read_text())
+    assert [Path(f["file"]).name for f in doc["files"]] == ["a_good.wav", "c_good.wav"]
+    assert len(doc["errors"]) == 1
+    assert Path(doc["errors"][0]["file"]).name == "b_broken.wav" and "cannot decode" in doc["errors"][0]["error"]
+    assert "1 file(s) could not be scored" in capsys.readouterr().err
+
+
+# -- 4. progress -----------------------------------------------------------------------------
+
+def test_progress_lines_without_carriage_returns(bundle_path, tmp_path, capsys, caplog):
+    d = tmp_path / "many"
+    for i in range(4):
+        _wav(d / f"f{i}.wav", seconds=1.0, seed=i)
+    caplog.set_level(logging.INFO, logger="stream_asd.model.score")
+    assert _score(bundle_path, d, "--progress-seconds", "0", "--out", tmp_path / "o.csv") == 0
+    lines = [r.getMessage() for r in caplog.records if "files" in r.getMessage() and "/4" in r.getMessage()]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "\r" not in capsys.readouterr().err
+
+
+def test_progress_default_is_modest(bundle_path, tmp_path, caplog):
+    d = tmp_path / "many"
+    for i in range(6):
+        _wav(d / f"f{i}.wav", seconds=1.0, seed=i)
+    caplog.set_level(logging.INFO, logger="stream_asd.model.score")
+    assert _score(bundle_path, d, "--out", tmp_path / "o.csv") == 0
+    lines = [r.getMessage() for r in caplog.records if "/6" in r.getMessage()]
+    assert len(lines) <= 2  # a few seconds between lines, and the last one
+
+
+def test_bad_progress_seconds(bundle_path, tmp_path, capsys, no_scoring):
+    assert _score(bundle_path, _wav(tmp_path / "a.wav"), "--progress-seconds", "-1") == 2
+    assert "--progress-seconds" in capsys.readouterr().err
+
+
+# -- 5. FIFO and other non-regular files -----------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_fifo_is_named_not_no_such_file(bundle_path, tmp_path, capsys):
+    fifo = tmp_path / "live.wav"
+    os.mkfifo(fifo)
+    assert _score(bundle_path, fifo) == 2
+    err = capsys.readouterr().err
+    assert "named pipe" in err and "no such file" not in err
+    # inside a folder: reported beside the scored files (never opened: that would block)
+    d = tmp_path / "d"
+    _wav(d / "a.wav")
+    os.mkfifo(d / "pipe.wav")
+    (d / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    out = tmp_path / "o.json"
+    assert _score(bundle_path, d, "--format", "json", "--out", out) == 1
+    doc = json.loads(out.read_text())
+    assert [Path(f["file"]).name for f in doc["files"]] == ["a.wav"]
+    errors = {Path(e["file"]).name: e["error"] for e in doc["errors"]}
+    assert "named pipe" in errors["pipe.wav"] and "broken symbolic link" in errors["dangling.wav"]
+
+
+def test_device_file_is_named(bundle_path, capsys):
+    assert _score(bundle_path, "/dev/null") == 2
+    assert "character device" in capsys.readouterr().err
