@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -45,6 +46,68 @@ __all__ = [
     "statistics_features",
     "band_means",
 ]
+
+
+# Documented maxima (docs/model.md, "Refused bundles"): far above any real use (the paper's
+# spec is 16 kHz, 10 s, n_fft 2048, hop 512, 224 bands: 313 x 1025 STFT bins), low enough that
+# one window's STFT fits in memory. A bundle whose spec exceeds them is refused at load time
+# instead of failing at the first scored window.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 192_000
+MAX_WINDOW_SECONDS = 60.0
+MIN_N_FFT = 16
+MAX_N_FFT = 16_384
+MAX_HOP_LENGTH = 16_384
+MAX_N_MELS = 1_024
+MAX_STFT_BINS = 1 << 24  # frames x max(n_fft//2+1, n_mels) per window (paper: 320,825)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _spec_problems(s: "FeatureSpec") -> list[str]:
+    problems: list[str] = []
+    if not _is_int(s.sample_rate) or not MIN_SAMPLE_RATE <= s.sample_rate <= MAX_SAMPLE_RATE:
+        problems.append(f"sample_rate must be an integer in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz, "
+                        f"got {_short(s.sample_rate)}")
+    if not _is_real(s.window_seconds) or not 0 < s.window_seconds <= MAX_WINDOW_SECONDS:
+        problems.append(f"window_seconds must be a finite number in (0, {MAX_WINDOW_SECONDS:g}], got {_short(s.window_seconds)}")
+    if not _is_int(s.n_fft) or not MIN_N_FFT <= s.n_fft <= MAX_N_FFT:
+        problems.append(f"n_fft must be an integer in [{MIN_N_FFT}, {MAX_N_FFT}], got {_short(s.n_fft)}")
+    if not _is_int(s.hop_length) or not 1 <= s.hop_length <= MAX_HOP_LENGTH:
+        problems.append(f"hop_length must be an integer in [1, {MAX_HOP_LENGTH}], got {_short(s.hop_length)}")
+    if not _is_int(s.n_mels) or not 1 <= s.n_mels <= MAX_N_MELS:
+        problems.append(f"n_mels must be an integer in [1, {MAX_N_MELS}], got {_short(s.n_mels)}")
+    if not _is_real(s.f_min):
+        problems.append(f"f_min must be a finite number, got {_short(s.f_min)}")
+    if s.f_max is not None and not _is_real(s.f_max):
+        problems.append(f"f_max must be a finite number or null, got {_short(s.f_max)}")
+    if not _is_real(s.power_eps) or not 0 < s.power_eps <= 1:
+        problems.append(f"power_eps must be a finite number in (0, 1], got {_short(s.power_eps)}")
+    if problems:  # the checks below need sane values
+        return problems
+    f_max = s.sample_rate / 2 if s.f_max is None else s.f_max
+    if not (0 <= s.f_min < f_max <= s.sample_rate / 2):
+        problems.append("need 0 <= f_min < f_max <= sample_rate/2")
+    n = s.window_samples
+    if n <= s.n_fft // 2:
+        problems.append(f"a window of {s.window_seconds:g} s is {n} samples: the STFT (reflect padding of "
+                        f"n_fft//2 = {s.n_fft // 2}) needs more than n_fft//2 samples")
+    bins = s.n_frames() * max(s.n_freqs, s.n_mels)
+    if bins > MAX_STFT_BINS:
+        problems.append(f"{s.n_frames()} frames x {max(s.n_freqs, s.n_mels)} bins per window = {bins} > "
+                        f"{MAX_STFT_BINS} (raise hop_length or shorten window_seconds)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -65,18 +128,7 @@ class FeatureSpec:
     power_eps: float = 1e-10
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.sample_rate <= 0:
-            problems.append("sample_rate must be > 0")
-        if self.window_seconds <= 0:
-            problems.append("window_seconds must be > 0")
-        if self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            problems.append("n_fft, hop_length and n_mels must be > 0")
-        f_max = self.sample_rate / 2 if self.f_max is None else self.f_max
-        if not (0 <= self.f_min < f_max <= self.sample_rate / 2):
-            problems.append("need 0 <= f_min < f_max <= sample_rate/2")
-        if self.power_eps <= 0:
-            problems.append("power_eps must be > 0")
+        problems = _spec_problems(self)
         if problems:
             raise ValueError("invalid FeatureSpec: " + "; ".join(problems))
 
@@ -110,7 +162,7 @@ class FeatureSpec:
         try:
             return cls(**dict(data))
         except (TypeError, ValueError) as exc:
-            raise BundleError(f"invalid feature spec {dict(data)}: {exc}") from None
+            raise BundleError(f"invalid feature spec in the bundle: {exc}") from None
 
 
 def stft_power(wave: torch.Tensor, n_fft: int, hop_length: int, window: torch.Tensor) -> torch.Tensor:
