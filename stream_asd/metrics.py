@@ -6,11 +6,17 @@ Conventions: base units (seconds, bytes), ``_total`` counters, histograms for la
 ``metrics.max_device_series`` devices (device ids come straight from the messages). Faust's
 own sensor names break Prometheus conventions, so we define ours.
 
+Consumer lag (``asd_consumer_lag_records``): the processor and the archiver each export their
+own, per partition, through :class:`ConsumerLag`, from the high watermarks their Kafka client
+already holds (no broker round trip per message); a revoked partition's series is removed.
+
 Each process builds its own :class:`ProducerMetrics` / :class:`ProcessorMetrics` on a registry
 (the default one in production; a fresh one per test) and serves it with :func:`serve`.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -39,6 +45,70 @@ class ProducerMetrics:
         self.queue_full_waits = Counter("asd_producer_queue_full_total",
                                         "Times the producer waited on a full local queue (back-pressure)", registry=r)
         self.devices = Gauge("asd_producer_devices", "Microphones served by this producer", registry=r)
+
+
+CONSUMER_LAG_HELP = ("Records of the partition not yet committed by this consumer: the partition's high "
+                     "watermark as last seen by the client minus the committed offset (before the first "
+                     "commit, the offset the consumer started at)")
+
+
+_LAG_GAUGES: "weakref.WeakKeyDictionary[CollectorRegistry, Gauge]" = weakref.WeakKeyDictionary()
+
+
+def _consumer_lag_gauge(r: CollectorRegistry) -> Gauge:
+    # One gauge per registry, shared by the components of one process (label ``component``):
+    # a processor and an archiver on the same registry must not register the name twice.
+    gauge = _LAG_GAUGES.get(r)
+    if gauge is None:
+        gauge = _LAG_GAUGES[r] = Gauge("asd_consumer_lag_records", CONSUMER_LAG_HELP,
+                                       ["component", "topic", "partition"], registry=r)
+    return gauge
+
+
+class ConsumerLag:
+    """``asd_consumer_lag_records{component, topic, partition}`` of one consumer.
+
+    :meth:`update` sets the lag of the partitions given and removes the series of partitions
+    the consumer no longer owns; :meth:`remove` drops partitions at revocation. Lag is
+    ``max(0, high watermark - committed offset)`` (see :func:`lag_records`).
+    """
+
+    def __init__(self, gauge: Gauge, component: str):
+        self.gauge = gauge
+        self.component = component
+        self._series: set[tuple[str, int]] = set()
+
+    def set(self, topic: str, partition: int, lag: int) -> None:
+        self.gauge.labels(component=self.component, topic=topic, partition=str(partition)).set(lag)
+        self._series.add((topic, int(partition)))
+
+    def update(self, lags: dict[tuple[str, int], int], owned: set[tuple[str, int]] | None = None) -> None:
+        """Set the lags given. The series of partitions not in ``owned`` (default: the keys of
+        ``lags``) go; an owned partition whose lag is unknown just now keeps its last value."""
+        owned = set(lags) if owned is None else owned | set(lags)
+        self.remove(self._series - owned)
+        for (topic, partition), lag in lags.items():
+            self.set(topic, partition, lag)
+
+    def remove(self, partitions) -> None:
+        for topic, partition in list(partitions):
+            key = (topic, int(partition))
+            if key in self._series:
+                self._series.discard(key)
+                try:
+                    self.gauge.remove(self.component, topic, str(partition))
+                except KeyError:
+                    pass
+
+    def partitions(self) -> set[tuple[str, int]]:
+        return set(self._series)
+
+
+def lag_records(high_watermark: int | None, base: int | None) -> int | None:
+    """Records from ``base`` (committed offset) up to the high watermark; None when either is unknown."""
+    if high_watermark is None or base is None or high_watermark < 0 or base < 0:
+        return None
+    return max(0, int(high_watermark) - int(base))
 
 
 class ProcessorMetrics:
@@ -92,6 +162,7 @@ class ProcessorMetrics:
                                       registry=r)
         self.windows_in_flight = Gauge("asd_windows_in_flight", "Windows decided but not yet scored and acknowledged",
                                        registry=r)
+        self.consumer_lag = ConsumerLag(_consumer_lag_gauge(r), "processor")
 
 
 class DeviceSeries:
@@ -163,3 +234,4 @@ class ArchiverMetrics:
         self.bytes = Counter("asd_archive_bytes_total", "FLAC bytes written durably", registry=r)
         self.retention_deleted = Counter("asd_archive_retention_deleted_total", "Segments deleted by retention",
                                          ["reason"], registry=r)
+        self.consumer_lag = ConsumerLag(_consumer_lag_gauge(r), "archiver")
