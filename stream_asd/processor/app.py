@@ -13,6 +13,10 @@ commits its offsets; a timer commits the points computed by offsets.py (see ther
 Faust's own commit machinery is not used) through the consumer's ``_commit``. On a rebalance
 the worker commits what is done, forgets the revoked partitions' devices, and Faust's recovery
 seeks every assigned partition back to its committed offset, so windows are rebuilt from there.
+
+Consumer lag: after each commit round the timer sets ``asd_consumer_lag_records`` per owned
+partition from the high watermark aiokafka already holds (``app.consumer.highwater(tp)``, from
+its fetch responses) minus the committed offset (pipeline.py ``refresh_lag``).
 """
 
 from __future__ import annotations
@@ -137,6 +141,14 @@ def create_app(settings: Settings, *, detector: Any = None, metrics: ProcessorMe
             log.exception("scoring failed; stopping the worker (a restart redoes the open windows)")
             await app.crash(exc)
 
+    def highwater(tp) -> int | None:
+        # The high watermark aiokafka took from its last fetch response for tp: no request.
+        return app.consumer.highwater(tp)
+
+    def group_committed(tp) -> int | None:
+        # The group's committed offset Faust read when the partition was assigned (its seek).
+        return getattr(app.consumer, "_committed_offset", {}).get(tp)
+
     @app.timer(interval=COMMIT_INTERVAL_S)
     async def housekeeping() -> None:
         if proc.failed is not None:
@@ -144,6 +156,7 @@ def create_app(settings: Settings, *, detector: Any = None, metrics: ProcessorMe
             return
         await proc.maintenance()
         await commit()
+        proc.refresh_lag(highwater, group_committed)  # every commit interval, after the commit
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender, revoked, **kwargs) -> None:

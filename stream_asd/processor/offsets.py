@@ -33,19 +33,22 @@ TP = Hashable  # a topic-partition (Faust TP or any hashable)
 class PartitionLedger:
     """Offsets of one partition read by this worker since it was assigned."""
 
-    __slots__ = ("pending", "done", "high", "committed")
+    __slots__ = ("pending", "done", "high", "committed", "start")
 
     def __init__(self) -> None:
         self.pending: deque[int] = deque()  # offsets read, in increasing order, not yet popped
         self.done: set[int] = set()
         self.high = -1  # highest offset read
-        self.committed: int | None = None  # last commit point handed out
+        self.committed: int | None = None  # last commit point confirmed (see OffsetLedger.confirm)
+        self.start: int | None = None  # first offset read: where the consumer began (the group's commit)
 
     def track(self, offset: int) -> None:
         if offset <= self.high:
             # Kafka delivers a partition in offset order; a repeat means a seek back we did not
             # reset for. Treat as already tracked (it is still pending or done).
             return
+        if self.start is None:
+            self.start = offset
         self.high = offset
         self.pending.append(offset)
 
@@ -65,6 +68,11 @@ class PartitionLedger:
 
     def outstanding(self) -> int:
         return len(self.pending)
+
+    def committed_or_start(self) -> int | None:
+        """The partition's committed offset as this worker knows it: its last confirmed commit,
+        else the offset it began reading at (the group's committed offset it was seeked to)."""
+        return self.committed if self.committed is not None else self.start
 
 
 class OffsetLedger:
@@ -99,6 +107,10 @@ class OffsetLedger:
             part = self.parts.get(tp)
             if part is not None:
                 part.committed = point
+
+    def committed_or_start(self, tp: TP) -> int | None:
+        part = self.parts.get(tp)
+        return None if part is None else part.committed_or_start()
 
     def drop(self, tps: Iterable[TP]) -> None:
         for tp in tps:

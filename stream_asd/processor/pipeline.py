@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import WireFormatError
-from ..metrics import DeviceSeries, ProcessorMetrics
+from ..metrics import DeviceSeries, ProcessorMetrics, lag_records
 from ..wire import R_BAD_CHUNK_LENGTH, R_UNKNOWN_MACHINE_TYPE, ScoreRecord, decode_chunk, processing_error
 from .alerts import AlertTracker
 from .batcher import MicroBatcher
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def _tp_fields(tp: Any) -> tuple[str, int]:
+    if not hasattr(tp, "topic") and isinstance(tp, tuple) and len(tp) == 2:
+        return str(tp[0]), int(tp[1])  # a plain (topic, partition)
     return str(getattr(tp, "topic", tp)), int(getattr(tp, "partition", -1))
 
 
@@ -230,6 +232,33 @@ class StreamProcessor:
         self.metrics.chunks_uncommitted.set(self.ledger.outstanding())
         self.metrics.windows_in_flight.set(self.accounting.in_flight())
 
+    def refresh_lag(self, highwater: Callable[[Hashable], int | None],
+                    committed: Callable[[Hashable], int | None] | None = None) -> None:
+        """``asd_consumer_lag_records`` of every partition this worker owns: the high watermark
+        the consumer last saw for it (``highwater(tp)``, from fetch responses: no broker round
+        trip) minus its committed offset (the ledger's last confirmed commit, else where this
+        worker began reading, else ``committed(tp)``, what the consumer was told at assignment).
+        A partition whose lag is unknown (nothing fetched yet) keeps its last value."""
+        tps = list(self.assigned if self.assigned is not None else self.ledger.parts)
+        lags: dict[tuple[str, int], int] = {}
+        for tp in tps:
+            try:
+                high = highwater(tp)
+            except Exception:  # e.g. not assigned any more in the consumer (a rebalance under way)
+                high = None
+            base = self.ledger.committed_or_start(tp)
+            if base is None and committed is not None:
+                try:
+                    base = committed(tp)
+                except Exception:
+                    base = None
+            if base is None and high == 0:
+                base = 0  # an empty partition: nothing to be behind on
+            lag = lag_records(high, base)
+            if lag is not None:
+                lags[_tp_fields(tp)] = lag
+        self.metrics.consumer_lag.update(lags, owned={_tp_fields(tp) for tp in tps})
+
     def commits_due(self, tps: Iterable | None = None) -> dict:
         due = self.ledger.to_commit()
         if tps is not None:
@@ -247,8 +276,11 @@ class StreamProcessor:
             self.device_part.pop(d, None)
             self.device_series.remove(d)  # its new owner reports it
         self.ledger.drop(revoked)
+        self.metrics.consumer_lag.remove(_tp_fields(tp) for tp in revoked)  # its new owner reports it
         if self.assigned is not None:
             self.assigned -= revoked
 
     def on_assigned(self, tps: Iterable) -> None:
         self.assigned = set(tps)
+        owned = {_tp_fields(tp) for tp in self.assigned}
+        self.metrics.consumer_lag.remove(self.metrics.consumer_lag.partitions() - owned)
