@@ -21,6 +21,13 @@ manifest (seq ranges per device and date) and not written twice.
 
 Memory: pending chunks wait for their scores; past ``max_pending_bytes`` the audio consumer
 pauses (scores keep flowing) until decisions free room.
+
+Consumer lag: after every commit and every ``commit_interval_s`` the archiver sets
+``asd_consumer_lag_records{component="archiver"}`` per owned partition of ``asd.audio``: the
+high watermark librdkafka took from its last fetch (``get_watermark_offsets(cached=True)``, no
+request) minus the committed offset (before the first commit: the first offset consumed). A
+paused consumer fetches nothing, so while paused the periodic refresh asks the broker instead
+(one ListOffsets per partition per interval, never per message).
 """
 
 from __future__ import annotations
@@ -118,8 +125,10 @@ class OffsetTracker:
         self._done: dict[int, set[int]] = defaultdict(set)
         self._next: dict[int, int] = {}
         self._committed: dict[int, int] = {}
+        self._first: dict[int, int] = {}  # first offset consumed: where the group's commit stood
 
     def consumed(self, partition: int, offset: int) -> None:
+        self._first.setdefault(partition, offset)
         heapq.heappush(self._heap[partition], offset)
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
 
@@ -145,8 +154,12 @@ class OffsetTracker:
     def committed(self, positions: dict[int, int]) -> None:
         self._committed.update(positions)
 
+    def committed_or_start(self, partition: int) -> int | None:
+        """The last offset committed here, else the first consumed; None before any message."""
+        return self._committed.get(partition, self._first.get(partition))
+
     def forget(self, partition: int) -> None:
-        for d in (self._heap, self._done, self._next, self._committed):
+        for d in (self._heap, self._done, self._next, self._committed, self._first):
             d.pop(partition, None)
 
     def outstanding(self) -> int:
@@ -394,6 +407,39 @@ class Archiver:
             log.warning("archiver: offset commit failed (%s); will retry", exc)
             return
         self.offsets.committed(positions)
+        self._refresh_lag()
+
+    def _refresh_lag(self, *, ask_broker_if_paused: bool = False) -> None:
+        """``asd_consumer_lag_records`` of the owned partitions (see the module docstring)."""
+        lag_metric = getattr(self.metrics, "consumer_lag", None)
+        if lag_metric is None or self._consumer is None:
+            return
+        from ..metrics import lag_records
+
+        try:
+            tps = [tp for tp in self._consumer.assignment() if tp.topic == self.audio_topic]
+        except Exception:  # noqa: BLE001 - consumer closing
+            return
+        lags: dict[tuple[str, int], int] = {}
+        for tp in tps:
+            high = None
+            if ask_broker_if_paused and self._paused:
+                try:
+                    high = self._consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)[1]
+                except Exception:  # noqa: BLE001 - broker slow: the cached value below
+                    high = None
+            if high is None:
+                try:
+                    high = self._consumer.get_watermark_offsets(tp, cached=True)[1]
+                except Exception:  # noqa: BLE001
+                    high = None
+            base = self.offsets.committed_or_start(tp.partition)
+            if base is None and high == 0:
+                base = 0  # an empty partition
+            lag = lag_records(high, base)
+            if lag is not None:
+                lags[(tp.topic, tp.partition)] = lag
+        lag_metric.update(lags, owned={(tp.topic, tp.partition) for tp in tps})
 
     # -- message handling ----------------------------------------------------------------------
 
@@ -456,6 +502,9 @@ class Archiver:
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         log.info("archiver: assigned %s", sorted(tp.partition for tp in partitions))
+        lag_metric = getattr(self.metrics, "consumer_lag", None)
+        if lag_metric is not None:
+            lag_metric.remove(lag_metric.partitions() - {(tp.topic, tp.partition) for tp in partitions})
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         revoked = {tp.partition for tp in partitions}
@@ -469,6 +518,9 @@ class Archiver:
             self.pending[dev] = keep
         for p in revoked:
             self.offsets.forget(p)
+        lag_metric = getattr(self.metrics, "consumer_lag", None)
+        if lag_metric is not None:  # the partitions' new owner reports their lag
+            lag_metric.remove((self.audio_topic, p) for p in revoked)
 
     def _open_scores(self) -> Any:
         from confluent_kafka import Consumer, TopicPartition
@@ -531,6 +583,7 @@ class Archiver:
                 self._backpressure()
                 if now - last_commit >= self.options.commit_interval_s:
                     self._commit()
+                    self._refresh_lag(ask_broker_if_paused=True)
                     last_commit = now
                 if (self.options.max_age_days is not None or self.options.max_total_bytes is not None) and \
                         now - last_retention >= self.options.retention_interval_s:
