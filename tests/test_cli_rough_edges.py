@@ -181,6 +181,46 @@ def test_bad_progress_seconds(bundle_path, tmp_path, capsys, no_scoring):
     assert "--progress-seconds" in capsys.readouterr().err
 
 
+def test_trainer_progress_is_plain_lines_off_a_terminal(capsys, caplog):
+    from trainer.ensemble import Batches, run_epochs
+
+    caplog.set_level(logging.INFO)
+    gen = torch.Generator().manual_seed(0)
+    report = run_epochs("stage", 3, Batches(400, 2, gen), lambda idx: 0.5, max_steps=0, progress=True)
+    assert report.steps == 600
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    # a start line and an end line at most for a stage this fast (plus the per-epoch log lines)
+    progress = [r for r in caplog.records if r.name == "trainer.progress"]
+    assert 1 <= len(progress) <= 3
+    assert "600/600" in progress[-1].getMessage()
+
+
+def test_trainer_progress_rate_and_tty(monkeypatch, capsys, caplog):
+    from trainer import progress as P
+
+    caplog.set_level(logging.INFO, logger="trainer.progress")
+    clock = iter(range(0, 10_000, 5))  # 5 s per update
+    monkeypatch.setattr(P.time, "monotonic", lambda: float(next(clock)))
+    bar = P.progress_bar(total=100, desc="reading clips", unit="clip", interval_s=30.0)
+    for _ in range(100):
+        bar.update(1)
+    bar.close()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert 15 <= len(msgs) <= 20  # one line per 30 s of 500 s, and the last
+    assert msgs[-1].startswith("reading clips: 100/100 clip")
+    assert "\r" not in capsys.readouterr().err
+    # the iterable form, as tqdm(iterable)
+    assert list(P.progress_bar([1, 2, 3], desc="x", unit="clip")) == [1, 2, 3]
+    # on a terminal: tqdm's bar
+    tty = io.StringIO()
+    tty.isatty = lambda: True  # type: ignore[method-assign]
+    bar = P.progress_bar(total=3, desc="x", unit="step", stream=tty)
+    bar.update(3)
+    bar.close()
+    assert type(bar).__name__ == "tqdm" and "x:" in tty.getvalue()
+
+
 # -- 5. FIFO and other non-regular files -----------------------------------------------------
 
 @pytest.mark.timeout(120)

@@ -144,9 +144,9 @@ def load_windows(clips: Sequence[ClipRef], sample_rate: int, window: int, hop: i
     waves, labels, clip_idx = [], [], []
     iterator: Iterable = enumerate(clips)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar  # tqdm on a terminal, plain log lines otherwise
 
-        iterator = tqdm(iterator, total=len(clips), desc="reading clips", unit="clip", leave=False)
+        iterator = progress_bar(iterator, total=len(clips), desc="reading clips", unit="clip")
     for i, clip in iterator:
         w = window_wave(load_wave(clip.path, sample_rate), window, hop)
         waves.append(w)

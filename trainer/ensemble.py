@@ -8,8 +8,9 @@
 4. ``train_fusion``: Table 2 SE fusion classifier over the frozen encoders' embeddings
    (embeddings are computed once and cached: the encoders are frozen, so this is exact).
 
-Every stage runs on the profile's device, reports progress (tqdm bar + one log line per epoch),
-honours ``run.max_steps`` and draws every random number from generators seeded by the run seed.
+Every stage runs on the profile's device, reports progress (a tqdm bar on a terminal, else a plain
+log line every 30 s: trainer/progress.py; plus one log line per epoch), honours ``run.max_steps``
+and draws every random number from generators seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class Batches:
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from .progress import progress_bar  # tqdm on a terminal, plain log lines otherwise
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="step")
 
 
 def run_epochs(name: str, epochs: int, batches: Batches, step: Callable[[torch.Tensor], float],

@@ -545,12 +545,9 @@ def score_dataset(bundle: str | Path, data: str | Path, layout: str = "auto", sp
 def _progress(items, desc: str, enabled: bool):
     if not enabled:
         return items
-    try:
-        from tqdm import tqdm
+    from .progress import progress_bar  # tqdm on a terminal, plain log lines otherwise
 
-        return tqdm(items, desc=desc, unit="clip", leave=False)
-    except ImportError:  # pragma: no cover
-        return items
+    return progress_bar(items, desc=desc, unit="clip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
