@@ -174,10 +174,14 @@ def rows() -> list[tuple[str, list[dict]]]:
                            "{{job}} {{pod}}")], unit="bytes", w=12),
     ]
     lag = [
-        timeseries("Consumer lag (chunks)", "Lag of the stream-asd consumer groups on asd.audio (from a Kafka lag "
-                   "exporter); KEDA scales the processors on the same lag.",
-                   [target('sum by (consumergroup) (kafka_consumergroup_lag{consumergroup=~"stream-asd.*"})',
-                           "{{consumergroup}}")], w=8),
+        timeseries("Consumer lag (chunks)", "Chunks of asd.audio not yet committed, as the processors and the "
+                   "archiver report it themselves (asd_consumer_lag_records: high watermark - committed offset, "
+                   "per partition), in all and the processors' five most behind partitions; KEDA scales the "
+                   "processors on the same lag, read from Kafka.",
+                   [target(f"sum by (component) (max by (component, topic, partition) "
+                           f"(asd_consumer_lag_records{{{NS}}}))", "{{component}}"),
+                    target(f'topk(5, max by (topic, partition) (asd_consumer_lag_records{{component="processor", {NS}}}))',
+                           "processor {{topic}}[{{partition}}]")], w=8),
         timeseries("Uncommitted chunks and windows in flight", "Chunks read whose offsets wait for their windows "
                    "to be scored, and windows being scored; steady growth means scoring is stuck.",
                    [target(f"sum by (pod) (asd_chunks_uncommitted{{{NS}}})", "uncommitted {{pod}}"),
