@@ -18,6 +18,8 @@ the bundle manifest stores) so tests run the same code on tiny sizes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -67,6 +69,69 @@ def _tupleize(v: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+# Config validation: documented maxima (docs/model.md, "Refused bundles"). Each is far above the
+# paper's sizes; together with the check of a bundle's stored tensor shapes (``ensemble``) they
+# keep a hostile or broken config from allocating gigabytes before its weights are compared.
+# --------------------------------------------------------------------------------------------
+
+MAX_CHANNELS = 4096          # any conv/linear width (paper: <= 2048 in SimSiam, 512 in fusion)
+MAX_FEATURES = 8192          # encoder output / fusion input sizes (paper: 1280, 256)
+MAX_LAYERS = 64              # blocks of the time CNN, layers of the fusion net / autoencoder
+MAX_KERNEL = 4096            # 1-D kernels, strides, paddings (paper stem: 256, 64, 96)
+MAX_ACTIVATION_ELEMENTS = 1 << 25  # largest feature map of one window (paper: ~1.2e5)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_MISSING = object()
+
+
+class _Check:
+    """Collects a config's problems; ``done()`` raises one ValueError naming every bad field."""
+
+    def __init__(self, cfg: Any):
+        self.cfg, self.problems = cfg, []
+
+    def int_(self, name: str, lo: int, hi: int, value: Any = _MISSING, label: str | None = None) -> bool:
+        v = getattr(self.cfg, name) if value is _MISSING else value
+        if not _is_int(v) or not lo <= v <= hi:
+            self.problems.append(f"{label or name} must be an integer in [{lo}, {hi}], got {_short(v)}")
+            return False
+        return True
+
+    def real(self, name: str, lo: float, hi: float, lo_open: bool = False) -> bool:
+        v = getattr(self.cfg, name)
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        if ok and lo_open and v == lo:
+            ok = False
+        if not ok:
+            self.problems.append(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}], "
+                                 f"got {_short(v)}")
+        return ok
+
+    def ints(self, name: str, lo_len: int, hi_len: int, lo: int, hi: int) -> bool:
+        v = getattr(self.cfg, name)
+        if not isinstance(v, (tuple, list)) or not lo_len <= len(v) <= hi_len:
+            self.problems.append(f"{name} must be a list of {lo_len}..{hi_len} integers, got {_short(v)}")
+            return False
+        return all([self.int_(name, lo, hi, value=x, label=f"{name}[{i}]") for i, x in enumerate(v)])
+
+    def fail(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def done(self) -> None:
+        if self.problems:
+            raise ValueError(f"{type(self.cfg).__name__}: " + "; ".join(self.problems))
+
+
+# --------------------------------------------------------------------------------------------
 # Spectrogram encoder (GhostNetV2)
 # --------------------------------------------------------------------------------------------
 
@@ -79,6 +144,15 @@ class EncoderConfig:
     width: float = 1.0
     in_chans: int = 2
     drop_rate: float = 0.2  # DEVIATION 7 (unspecified): timm default; dropout on the 1280-d features in training only
+
+    def __post_init__(self) -> None:
+        c = _Check(self)
+        if self.arch != "ghostnetv2_100":
+            c.fail(f"arch must be 'ghostnetv2_100', got {_short(self.arch)}")
+        c.real("width", 0.05, 4.0)
+        c.int_("in_chans", 1, 16)
+        c.real("drop_rate", 0.0, 0.99)
+        c.done()
 
 
 class SpectrogramEncoder(nn.Module):
@@ -194,6 +268,45 @@ class TimeCNNConfig:
     out_channels: int | None = None
     negative_slope: float = 0.01
 
+    def __post_init__(self) -> None:
+        c = _Check(self)
+        c.int_("stem_channels", 1, MAX_CHANNELS)
+        c.int_("stem_kernel", 1, MAX_KERNEL)
+        c.int_("stem_stride", 1, MAX_KERNEL)
+        c.int_("stem_padding", 0, MAX_KERNEL)
+        b = self.blocks
+        if (not isinstance(b, (tuple, list)) or len(b) > MAX_LAYERS
+                or not all(isinstance(x, (tuple, list)) and len(x) == 3 for x in b)):
+            c.fail(f"blocks must be a list of at most {MAX_LAYERS} [t, c, s] triples, got {_short(b)}")
+        else:
+            for i, (t, ch, st) in enumerate(b):
+                c.int_("", 1, 16, value=t, label=f"blocks[{i}] expansion t")
+                c.int_("", 1, MAX_CHANNELS, value=ch, label=f"blocks[{i}] channels c")
+                c.int_("", 1, 16, value=st, label=f"blocks[{i}] stride s")
+        if self.out_channels is not None:
+            c.int_("out_channels", 1, MAX_CHANNELS)
+        c.real("negative_slope", -1e3, 1e3)
+        c.done()
+
+    def check_input(self, n_samples: int) -> None:
+        """ValueError unless a window of ``n_samples`` passes the stem and no feature map of one
+        window exceeds MAX_ACTIVATION_ELEMENTS (the first scored window would fail instead)."""
+        n = (n_samples + 2 * self.stem_padding - self.stem_kernel) // self.stem_stride + 1
+        if n < 1:
+            raise ValueError(f"TimeCNNConfig: a window of {n_samples} samples is shorter than the stem "
+                             f"(stem_kernel {self.stem_kernel} > {n_samples} + 2 x stem_padding {self.stem_padding})")
+        largest, ch = self.stem_channels * n, self.stem_channels
+        for t, out, s in self.blocks:
+            largest = max(largest, ch * t * n)  # expanded map at the block's input length
+            n = (n + 2 - 3) // s + 1
+            largest = max(largest, out * n)
+            ch = out
+        if self.out_channels:
+            largest = max(largest, self.out_channels * n)
+        if largest > MAX_ACTIVATION_ELEMENTS:
+            raise ValueError(f"TimeCNNConfig: a window of {n_samples} samples makes a feature map of {largest} "
+                             f"values > {MAX_ACTIVATION_ELEMENTS} (raise stem_stride or reduce channels)")
+
 
 class InvertedResidual1d(nn.Module):
     """1x1 expand (x t) -> depthwise k=3 (stride s) -> 1x1 project; BN + LeakyReLU after each
@@ -285,6 +398,31 @@ class FusionConfig:
     se_mid_factor: float = 0.5
     padding: int = 0
 
+    def __post_init__(self) -> None:
+        c = _Check(self)
+        c.int_("freq_features", 1, MAX_FEATURES)
+        c.int_("time_features", 1, MAX_FEATURES)
+        side_ok = c.int_("map_side", 1, 128)
+        chans_ok = c.ints("channels", 1, MAX_LAYERS, 1, MAX_CHANNELS)
+        kernels_ok = c.ints("kernels", 1, MAX_LAYERS, 1, 64)
+        c.ints("se_after", 0, MAX_LAYERS, 0, MAX_LAYERS)
+        c.int_("prelu_layers", 0, MAX_LAYERS)
+        c.real("se_mid_factor", 0.0, 4.0, lo_open=True)
+        pad_ok = c.int_("padding", 0, 64)
+        if chans_ok and kernels_ok and len(self.channels) != len(self.kernels):
+            c.fail(f"channels ({len(self.channels)}) and kernels ({len(self.kernels)}) must have the same length")
+        elif side_ok and chans_ok and kernels_ok and pad_ok:
+            side, largest = self.map_side, 2 * self.map_side ** 2
+            for ch, k in zip(self.channels, self.kernels):
+                side = side + 2 * self.padding - k + 1
+                if side < 1:
+                    c.fail(f"map_side {self.map_side} is too small for kernels {list(self.kernels)}")
+                    break
+                largest = max(largest, ch * side * side)
+            if largest > MAX_ACTIVATION_ELEMENTS:
+                c.fail(f"a feature map of {largest} values > {MAX_ACTIVATION_ELEMENTS} (reduce map_side or channels)")
+        c.done()
+
     @property
     def embedding_dim(self) -> int:
         return self.channels[-1]
@@ -372,6 +510,17 @@ class AutoencoderConfig:
     hidden: tuple[int, ...] = (128, 128, 128, 128)
     bottleneck: int = 8
     conv_channels: tuple[int, ...] = (16, 32)
+
+    def __post_init__(self) -> None:
+        c = _Check(self)
+        if self.arch not in ("dense", "conv"):
+            c.fail(f"arch must be 'dense' or 'conv', got {_short(self.arch)}")
+        c.int_("n_mels", 1, 1024)
+        c.int_("context", 1, 64)
+        c.ints("hidden", 0, 16, 1, MAX_FEATURES)
+        c.int_("bottleneck", 1, MAX_FEATURES)
+        c.ints("conv_channels", 1, 8, 1, 1024)
+        c.done()
 
     @property
     def input_dim(self) -> int:
