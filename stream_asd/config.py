@@ -2,14 +2,18 @@
 
 Precedence, highest first: CLI flag > environment > config file (``--config`` or
 ``ASD_CONFIG``, TOML or JSON) > default. Nested sections use ``__`` in environment names:
-``ASD_KAFKA__BOOTSTRAP=broker:9092``, ``ASD_WINDOW__HOP_SECONDS=5``.
+``ASD_KAFKA__BOOTSTRAP=broker:9092``, ``ASD_WINDOW__HOP_SECONDS=5``. Only those names (a known
+section, or a top-level field such as ``ASD_LOG_LEVEL``) are read; other ``ASD_*`` variables
+belong to something else and are ignored, while a typo inside a known section is an error.
 Secrets (SASL password, TLS key password) come from the environment or a mounted Kubernetes
 secret file (``ASD_KAFKA__SASL_PASSWORD_FILE``); they are never printed.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ASD_"
 ENV_CONFIG_FILE = "ASD_CONFIG"
@@ -208,17 +214,38 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _env_overrides() -> dict[str, Any]:
-    """ASD_SECTION__KEY=value environment variables as a nested dict (env beats the file)."""
+    """ASD_SECTION__KEY=value environment variables as a nested dict (env beats the file).
+
+    Only stream-asd's own names are read: ``ASD_<SECTION>__<KEY>`` for a section of
+    :class:`Settings` and ``ASD_<FIELD>`` for a top-level field (``ASD_LOG_LEVEL``), plus
+    ``ASD_CONFIG``. An unknown key inside a known section stays an error (typo protection);
+    any other ``ASD_*`` name (``ASD_HOME``, ``ASD_BROKER_CACHE``...) belongs to something else and
+    is ignored: a warning when its first part is close to a section name, else a debug line.
+    """
+    sections = {name for name, f in Settings.model_fields.items() if _is_section(f.annotation)}
+    scalars = set(Settings.model_fields) - sections
     out: dict[str, Any] = {}
     for name, value in os.environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
             continue
         parts = name[len(ENV_PREFIX):].lower().split("__")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        if len(parts) > 1 and parts[0] in sections or len(parts) == 1 and parts[0] in scalars:
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+            continue
+        close = difflib.get_close_matches(parts[0], sorted(sections), n=1, cutoff=0.75) if len(parts) > 1 else []
+        if close:
+            log.warning("ignoring %s: no settings section %r (did you mean ASD_%s__%s?)", name, parts[0],
+                        close[0].upper(), "__".join(parts[1:]).upper())
+        else:
+            log.debug("ignoring %s: not a stream-asd setting (ASD_<SECTION>__<KEY>)", name)
     return out
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -246,3 +246,38 @@ def test_fifo_is_named_not_no_such_file(bundle_path, tmp_path, capsys):
 def test_device_file_is_named(bundle_path, capsys):
     assert _score(bundle_path, "/dev/null") == 2
     assert "character device" in capsys.readouterr().err
+
+
+# -- 6. unrelated ASD_* variables ------------------------------------------------------------
+
+def test_unrelated_asd_variables_are_ignored(monkeypatch, capsys, caplog):
+    from stream_asd.config import load_settings
+
+    monkeypatch.setenv("ASD_HOME", "/x")
+    monkeypatch.setenv("ASD_BROKER_CACHE", "/tmp/cache")   # stream_asd.broker's own variable
+    monkeypatch.setenv("ASD_SOMETHING__ELSE", "1")          # not a section of ours
+    monkeypatch.setenv("ASD_WINDOW__HOP_SECONDS", "2")      # a real one is still read
+    monkeypatch.setenv("ASD_LOG_LEVEL", "DEBUG")            # top-level setting
+    s = load_settings()
+    assert s.window.hop_seconds == 2.0 and s.log_level == "DEBUG"
+    assert main(["config"]) == 0
+    assert json.loads(capsys.readouterr().out)["window"]["hop_seconds"] == 2.0
+
+
+def test_typo_inside_a_known_section_is_still_an_error(monkeypatch, capsys):
+    monkeypatch.setenv("ASD_HOME", "/x")
+    monkeypatch.setenv("ASD_KAFKA__BOOTSTRAPP", "x:1")
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "kafka.bootstrapp" in err and "home" not in err
+
+
+def test_section_typo_warns(monkeypatch, caplog):
+    from stream_asd.config import load_settings
+
+    monkeypatch.setenv("ASD_KAFAK__BOOTSTRAP", "x:1")
+    with caplog.at_level(logging.WARNING, logger="stream_asd.config"):
+        s = load_settings()
+    assert s.kafka.bootstrap == "127.0.0.1:9092"
+    assert any("ASD_KAFAK__BOOTSTRAP" in r.getMessage() and "ASD_KAFKA__BOOTSTRAP" in r.getMessage()
+               for r in caplog.records)
