@@ -138,9 +138,22 @@ class EnsembleModel(nn.Module):
     def from_bundle(cls, bundle: ModelBundle) -> "EnsembleModel":
         if bundle.kind != "ensemble":
             raise BundleError(f"bundle kind is {bundle.kind!r}, not 'ensemble'")
-        model = cls(bundle.feature_spec, EnsembleConfig.from_dict(bundle.model_config))
-        _load_state(model, bundle)
-        return model
+        config, spec = EnsembleConfig.from_dict(bundle.model_config), bundle.feature_spec
+        if config.encoder.in_chans != 2:
+            raise BundleError(f"invalid ensemble model config: encoder in_chans is {config.encoder.in_chans}, "
+                              "but the features have 2 channels")
+        try:
+            config.time_cnn.check_input(spec.window_samples)
+        except ValueError as exc:
+            raise BundleError(f"invalid ensemble model config for {spec.window_seconds:g} s windows: {exc}") from None
+
+        def networks() -> nn.Module:  # what __init__ builds, less the (spec-sized, checked) front end
+            enc, tcnn = SpectrogramEncoder(config.encoder), TimeCNN(config.time_cnn)
+            fus = FusionNet(dataclasses.replace(config.fusion, freq_features=enc.out_features,
+                                                time_features=tcnn.out_features))
+            return nn.ModuleDict({"encoder": enc, "time_cnn": tcnn, "fusion": fus})
+
+        return _load_state(bundle, lambda: cls(spec, config), networks)
 
 
 def load_ensemble_groups(bundle: ModelBundle) -> dict[str, EnsembleGroup]:
@@ -158,12 +171,31 @@ def _weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
 
 
-def _load_state(model: nn.Module, bundle: ModelBundle) -> None:
+def _load_state(bundle: ModelBundle, build, networks) -> nn.Module:
+    """``build()`` the model and load the bundle's weights into it, but first build
+    ``networks()`` (its sub-modules named as in the model) on the meta device, which allocates
+    nothing, and refuse the bundle unless the stored tensors have exactly the shapes that config
+    describes: a config asking for huge networks is refused before any memory is taken."""
+    try:
+        with torch.device("meta"):
+            skeleton = networks()
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as exc:
+        raise BundleError(f"invalid model config: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    prefixes = tuple(f"{name}." for name, _ in skeleton.named_children())
+    have = {k: tuple(v.shape) for k, v in bundle.weights.items() if k.startswith(prefixes)}
+    diff = [f"{k}: config {want[k]}, stored {have.get(k, 'none')}" for k in want if want[k] != have.get(k)]
+    diff += [f"{k}: stored {have[k]}, not in the config" for k in have if k not in want]
+    if diff:
+        raise BundleError(f"bundle weights do not fit the model config ({len(diff)} tensors differ): "
+                          + "; ".join(diff[:3]))
+    model = build()
     try:
         model.load_state_dict(bundle.weights, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
         raise BundleError(f"bundle weights do not fit the model config: {' '.join(first)}") from None
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,13 +282,19 @@ class AeModel(nn.Module):
                 raise ValueError(f"arch {mc.get('arch')!r} is not 'ae'")
             cfg = config_from_dict(AutoencoderConfig, mc["autoencoder"])
             names = [str(n) for n in mc["group_names"]]
-            model = cls(bundle.feature_spec, cfg, names)
+            if len(names) > 1024:  # one autoencoder each: bound what the checks below build
+                raise ValueError(f"{len(names)} model groups (at most 1024)")
+            ae_cfg = dataclasses.replace(cfg, n_mels=bundle.feature_spec.n_mels)  # as __init__ does
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"invalid AE model config: {exc}") from None
-        if sorted(bundle.groups) != model.group_names:
-            raise BundleError(f"AE bundle: model groups {sorted(bundle.groups)} != networks {model.group_names}")
-        _load_state(model, bundle)
-        return model
+        if sorted(bundle.groups) != sorted(names) or len(set(names)) != len(names):
+            raise BundleError(f"AE bundle: model groups {sorted(bundle.groups)[:10]} != networks {sorted(names)[:10]}")
+
+        def networks() -> nn.Module:
+            return nn.ModuleDict({"autoencoders": nn.ModuleDict(
+                {f"g{i}": build_autoencoder(ae_cfg) for i in range(len(names))})})
+
+        return _load_state(bundle, lambda: cls(bundle.feature_spec, cfg, names), networks)
 
 
 def load_ae_groups(bundle: ModelBundle) -> dict[str, AeGroup]:
