@@ -22,8 +22,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -45,7 +48,17 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 SCORING_NAME = "scoring.safetensors"
 KINDS = ("ensemble", "ae")
+# Bounds checked before anything is read (docs/model.md, "Refused bundles"); a bundle at the
+# paper's sizes is 47.7 MB with a manifest of a few kB.
 MAX_MANIFEST_BYTES = 32 << 20
+MAX_JSON_DEPTH = 64                # nesting of objects/arrays in the manifest
+MAX_TENSOR_FILE_BYTES = 1 << 30    # each safetensors file
+MAX_BUNDLE_BYTES = 2 << 30         # all of them together
+MAX_FILES = 64                     # files listed in the manifest
+# A bundle file is a plain name in the bundle folder: no paths, no '..', not hidden, and only
+# safetensors (nothing else is ever read, so nothing else may be listed).
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -147,8 +160,8 @@ class ModelBundle:
                            metadata={"format": BUNDLE_FORMAT})
             for stem, tensors in self.tensor_files.items():
                 name = f"{stem}.safetensors"
-                if name in (WEIGHTS_NAME, SCORING_NAME) or "/" in stem or stem.startswith("."):
-                    raise BundleError(f"invalid extra tensor file name {stem!r}")
+                if name in (WEIGHTS_NAME, SCORING_NAME) or not _FILE_NAME.fullmatch(name) or ".." in name:
+                    raise BundleError(f"invalid extra tensor file name {stem!r} (letters, digits, '_', '-', '.')")
                 save_torch(_plain_tensors(tensors), str(tmp / name), metadata={"format": BUNDLE_FORMAT})
             files = {}
             for f in sorted(tmp.iterdir()):
@@ -179,19 +192,28 @@ class ModelBundle:
     # -- load -------------------------------------------------------------------------------
     @classmethod
     def read_manifest(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Parse and check the manifest (format, version, self checksum); no tensors read."""
+        """Parse and check the manifest (format, version, self checksum); no tensors read.
+
+        The manifest must be a regular file in the folder (not a symbolic link), at most
+        MAX_MANIFEST_BYTES, with finite numbers, integers within int64 and at most
+        MAX_JSON_DEPTH levels of nesting."""
         root = Path(path)
         mpath = root / MANIFEST_NAME
         if not root.is_dir():
             raise BundleError(f"{root} is not a folder; a model bundle is a folder written by `asd-train fit`")
-        if not mpath.is_file():
-            raise BundleError(f"{root} has no {MANIFEST_NAME}; not a model bundle (or an incomplete copy)")
-        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+        data = _read_bounded(mpath, MAX_MANIFEST_BYTES, f"{root} has no {MANIFEST_NAME}; not a model bundle "
+                                                        "(or an incomplete copy)")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+            manifest = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float,
+                                  parse_int=_int64)
+        except RecursionError:
+            raise BundleError(f"{mpath} is nested too deeply (more than {MAX_JSON_DEPTH} levels); "
+                              "the bundle is corrupt or hostile, re-export it") from None
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is corrupt, re-export it") from None
+        if _nested_deeper_than(manifest, MAX_JSON_DEPTH):
+            raise BundleError(f"{mpath} is nested too deeply (more than {MAX_JSON_DEPTH} levels); "
+                              "the bundle is corrupt or hostile, re-export it")
         if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"{mpath} is not a stream-asd model bundle manifest (format != {BUNDLE_FORMAT!r})")
         fv = manifest.get("format_version")
@@ -214,6 +236,8 @@ class ModelBundle:
             raise BundleError(f"{mpath}: unknown bundle kind {manifest['kind']!r} (expected one of {KINDS})")
         if not isinstance(manifest["model_groups"], dict) or not manifest["model_groups"]:
             raise BundleError(f"{mpath}: the bundle has no model groups (machine types)")
+        if not isinstance(manifest["model_config"], dict):
+            raise BundleError(f"{mpath}: model_config must be a JSON object")
         return manifest
 
     @classmethod
@@ -221,27 +245,9 @@ class ModelBundle:
         """Check manifest and every file's size and sha256; return the manifest."""
         root = Path(path)
         manifest = cls.read_manifest(root)
-        files = manifest["files"]
-        if not isinstance(files, dict) or WEIGHTS_NAME not in files:
-            raise BundleError(f"{root}: manifest lists no {WEIGHTS_NAME}")
-        present = {p.name for p in root.iterdir()} - {MANIFEST_NAME}
-        missing = sorted(set(files) - present)
-        if missing:
-            raise BundleError(f"{root}: missing file(s) {missing}; the bundle is incomplete, copy it again")
-        unlisted = sorted(present - set(files))
-        if unlisted:
-            raise BundleError(f"{root}: file(s) not in the manifest {unlisted}; a bundle holds only its listed files")
-        for name, info in sorted(files.items()):
-            f = root / name
-            if f.is_symlink() or not f.is_file():
-                raise BundleError(f"{f}: not a regular file")
-            if not isinstance(info, dict) or "sha256" not in info:
-                raise BundleError(f"{root}: manifest entry for {name} has no sha256")
-            if f.stat().st_size != info.get("bytes"):
-                raise BundleError(f"{f}: size {f.stat().st_size} != {info.get('bytes')} in the manifest; "
-                                  "the file is truncated or replaced")
-            if sha256_file(f) != info["sha256"]:
-                raise BundleError(f"{f}: sha256 mismatch; the file is corrupt or was modified")
+        for name, info in _check_listing(root, manifest["files"]).items():
+            if _sha256_bounded(root / name, info["bytes"]) != info["sha256"]:
+                raise BundleError(f"{root / name}: sha256 mismatch; the file is corrupt or was modified")
         return manifest
 
     @classmethod
@@ -251,23 +257,31 @@ class ModelBundle:
         ``expected_feature_spec``: if given, the bundle's spec must equal it (a running processor
         passes its own)."""
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file as load_numpy
-        from safetensors.torch import load_file as load_torch
+        from safetensors.numpy import load as load_numpy
+        from safetensors.torch import load as load_torch
 
         root = Path(path)
-        manifest = cls.verify(root)
+        manifest = cls.read_manifest(root)
+        listing = _check_listing(root, manifest["files"])
         spec = FeatureSpec.from_dict(manifest["feature_spec"])
         if expected_feature_spec is not None and spec != expected_feature_spec:
             a, b = spec.to_dict(), expected_feature_spec.to_dict()
             diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
             raise BundleError(f"{root}: feature spec differs from the expected one (bundle, expected): {diff}")
+        # Each file is read once (no symbolic links, size bounded above), and the bytes whose
+        # sha256 is checked are the bytes parsed: nothing can be swapped in between.
+        contents = {}
+        for name, info in listing.items():
+            data = _read_bounded(root / name, info["bytes"])
+            if _sha256_bytes(data) != info["sha256"]:
+                raise BundleError(f"{root / name}: sha256 mismatch; the file is corrupt or was modified")
+            contents[name] = data
         try:
-            weights = load_torch(str(root / WEIGHTS_NAME))
-            arrays = load_numpy(str(root / SCORING_NAME)) if SCORING_NAME in manifest["files"] else {}
+            weights = load_torch(contents.pop(WEIGHTS_NAME))
+            arrays = load_numpy(contents.pop(SCORING_NAME)) if SCORING_NAME in contents else {}
             tensor_files = {}
-            for name in manifest["files"]:
-                if name.endswith(".safetensors") and name not in (WEIGHTS_NAME, SCORING_NAME):
-                    tensor_files[name[: -len(".safetensors")]] = load_torch(str(root / name))
+            for name in sorted(contents):
+                tensor_files[name[: -len(".safetensors")]] = load_torch(contents.pop(name))
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"{root}: cannot read tensors ({exc}); the bundle is corrupt") from None
         fb = weights.get("frontend.mel_fb")
@@ -283,6 +297,145 @@ class ModelBundle:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name} in manifest")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"non-finite number {text[:40]} in manifest (numbers must be finite)")
+    return value
+
+
+def _int64(text: str) -> int:
+    # checked on the digits first: Python refuses > 4,300 digits, and nothing needs > int64
+    value = int(text) if len(text.lstrip("-")) <= 19 else None
+    if value is None or not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"integer {text[:25]}{'...' if len(text) > 25 else ''} in manifest is beyond int64")
+    return value
+
+
+def _nested_deeper_than(obj: Any, limit: int) -> bool:
+    """Whether parsed JSON has more than ``limit`` levels of objects/arrays (iterative)."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in (node.values() if isinstance(node, dict) else node):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def _open_plain(path: Path, max_bytes: int, missing: str | None = None):
+    """Open a regular file of at most ``max_bytes`` that is not a symbolic link, checking the
+    size from stat before anything is read; any problem is a BundleError naming the file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BundleError(missing or f"{path}: missing; the bundle is incomplete, copy it again") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BundleError(f"{path} is a symbolic link; a bundle holds plain files only (links could point "
+                          "outside the bundle)")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise BundleError(f"{path} is larger than {max_bytes} bytes ({st.st_size}); refusing to read it")
+    # O_NOFOLLOW: a link swapped in since the lstat is refused (ELOOP); O_NONBLOCK: a FIFO
+    # swapped in does not block the open
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be opened as a plain file ({exc})") from None
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise BundleError(f"{path}: not a regular file")
+    return fh
+
+
+def _read_bounded(path: Path, max_bytes: int, missing: str | None = None) -> bytes:
+    with _open_plain(path, max_bytes, missing) as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the stat
+        raise BundleError(f"{path} is larger than {max_bytes} bytes; refusing to read it")
+    return data
+
+
+def _sha256_bounded(path: Path, max_bytes: int) -> str:
+    h, n = hashlib.sha256(), 0
+    with _open_plain(path, max_bytes) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            n += len(block)
+            if n > max_bytes:
+                raise BundleError(f"{path} is larger than {max_bytes} bytes; refusing to read it")
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_listing(root: Path, files: Any) -> dict[str, dict[str, Any]]:
+    """Check the manifest's file list against the folder before anything is read: plain
+    ``<name>.safetensors`` names, well-formed entries, sizes within the bounds, no file missing,
+    none unlisted, each a regular file (not a link) of the listed size. Returns the listing."""
+    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
+        raise BundleError(f"{root}: manifest lists no {WEIGHTS_NAME}")
+    if len(files) > MAX_FILES:
+        raise BundleError(f"{root}: manifest lists {len(files)} files (at most {MAX_FILES})")
+    total = 0
+    for name, info in files.items():
+        if not _FILE_NAME.fullmatch(name) or ".." in name:
+            raise BundleError(f"{root}: file name {name[:80]!r} in the manifest is not allowed: bundle files are "
+                              "plain '<name>.safetensors' names inside the bundle folder (no paths, '..', hidden "
+                              "or other kinds of files)")
+        if not isinstance(info, dict):
+            raise BundleError(f"{root}: manifest entry for {name} is not an object with sha256 and bytes")
+        if not isinstance(info.get("sha256"), str) or not _SHA256.fullmatch(info["sha256"]):
+            raise BundleError(f"{root}: manifest entry for {name} has no valid sha256 (64 hex digits)")
+        size = info.get("bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{root}: manifest entry for {name} has no valid size in bytes")
+        if size > MAX_TENSOR_FILE_BYTES:
+            raise BundleError(f"{root / name} is larger than {MAX_TENSOR_FILE_BYTES} bytes ({size}); refusing "
+                              "to read it")
+        total += size
+    if total > MAX_BUNDLE_BYTES:
+        raise BundleError(f"{root}: the bundle's files are larger than {MAX_BUNDLE_BYTES} bytes in total ({total}); "
+                          "refusing to read them")
+    present: set[str] = set()
+    with os.scandir(root) as entries:
+        for entry in entries:
+            present.add(entry.name)
+            if len(present) > 4 * MAX_FILES:
+                raise BundleError(f"{root} holds more than {4 * MAX_FILES} entries; a bundle holds only its "
+                                  "listed files")
+    present.discard(MANIFEST_NAME)
+    missing = sorted(set(files) - present)
+    if missing:
+        raise BundleError(f"{root}: missing file(s) {missing}; the bundle is incomplete, copy it again")
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise BundleError(f"{root}: file(s) not in the manifest {unlisted[:10]}; a bundle holds only its listed files")
+    for name, info in sorted(files.items()):
+        f = root / name
+        try:
+            st = os.lstat(f)
+        except OSError as exc:
+            raise BundleError(f"{f}: cannot be read ({exc})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise BundleError(f"{f} is a symbolic link; a bundle holds plain files only")
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{f}: not a regular file")
+        if st.st_size != info["bytes"]:
+            raise BundleError(f"{f}: size {st.st_size} != {info['bytes']} in the manifest; "
+                              "the file is truncated or replaced")
+    return dict(sorted(files.items()))
 
 
 def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
