@@ -31,6 +31,8 @@ class FeatureSettings:
     n_mels: int = FeatureSpec.n_mels
     # hop between training windows cut from longer clips (fraction of the window)
     train_hop_fraction: float = 1.0
+    # scale every window to one RMS level before the networks and statistics (DEVIATION 12)
+    normalise_level: bool = False
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from stream_asd.audio.features import FeatureSpec
 from stream_asd.errors import ConfigError
 from stream_asd.model.bundle import ModelBundle
-from stream_asd.model.ensemble import EnsembleConfig, EnsembleModel
+from stream_asd.model.ensemble import EnsembleConfig, EnsembleModel, level_normalised
 from stream_asd.model.networks import (ArcFaceHead, EmbeddingHead, EncoderConfig, FusionConfig, SimSiamConfig,
                                        SimSiamHead)
 
@@ -39,7 +40,8 @@ def device_ids(ws, index: torch.Tensor | None = None) -> list[str]:
 def build_model(profile: TrainProfile, spec: FeatureSpec) -> EnsembleModel:
     e = profile.encoder
     config = EnsembleConfig(encoder=EncoderConfig(width=e.width), time_cnn=E.timecnn_config(profile),
-                            fusion=FusionConfig(map_side=profile.fusion.map_side))
+                            fusion=FusionConfig(map_side=profile.fusion.map_side),
+                            normalise_level=profile.features.normalise_level)
     return EnsembleModel(spec, config)
 
 
@@ -53,6 +55,8 @@ def train_ensemble(td, profile: TrainProfile, device: torch.device, gen: torch.G
     n_classes = len(ws.classes)
     spec = feature_spec(profile)
     model = build_model(profile, spec).to(device)
+    if model.config.normalise_level:  # the networks learn on what EnsembleModel.embed will feed them
+        ws = dataclasses.replace(ws, waves=level_normalised(ws.waves))
     stages: list[dict] = []
     t = time.perf_counter()
     bs = max(16, profile.fusion.batch_size)

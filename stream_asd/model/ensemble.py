@@ -31,7 +31,8 @@ from .networks import (AutoencoderConfig, EncoderConfig, FusionConfig, FusionNet
                        TimeCNNConfig, build_autoencoder, config_from_dict, config_to_dict)
 from .scoring import AeGroup, EnsembleGroup
 
-__all__ = ["EnsembleConfig", "EnsembleModel", "Embeddings", "AeModel", "AE_FEATURE_SPEC", "frame_vectors"]
+__all__ = ["EnsembleConfig", "EnsembleModel", "Embeddings", "AeModel", "AE_FEATURE_SPEC", "frame_vectors",
+           "level_normalised"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class EnsembleConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     time_cnn: TimeCNNConfig = field(default_factory=TimeCNNConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # DEVIATION 12 (docs/model.md): every window scaled to one RMS level before the networks
+    # and the statistics, so that a microphone's gain or distance is not taken for a fault
+    normalise_level: bool = False
 
     @classmethod
     def tiny(cls) -> "EnsembleConfig":
@@ -52,18 +56,34 @@ class EnsembleConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": "ensemble", "encoder": config_to_dict(self.encoder), "time_cnn": config_to_dict(self.time_cnn),
-                "fusion": config_to_dict(self.fusion)}
+                "fusion": config_to_dict(self.fusion), "normalise_level": self.normalise_level}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EnsembleConfig":
         try:
             if data.get("arch") != "ensemble":
                 raise ValueError(f"arch {data.get('arch')!r} is not 'ensemble'")
+            level = data.get("normalise_level", False)  # absent in bundles written before the option
+            if not isinstance(level, bool):
+                raise ValueError(f"normalise_level must be true or false, got {level!r}")
             return cls(encoder=config_from_dict(EncoderConfig, data["encoder"]),
                        time_cnn=config_from_dict(TimeCNNConfig, data["time_cnn"]),
-                       fusion=config_from_dict(FusionConfig, data["fusion"]))
+                       fusion=config_from_dict(FusionConfig, data["fusion"]), normalise_level=level)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"invalid ensemble model config: {exc}") from None
+
+
+#: the RMS every window is scaled to with ``normalise_level`` (about a machine's level in the
+#: DCASE recordings); windows quieter than ``LEVEL_FLOOR_RMS`` are scaled as if at the floor, so
+#: digital silence and a muted microphone are not amplified into noise
+LEVEL_TARGET_RMS = 0.05
+LEVEL_FLOOR_RMS = 1e-4
+
+
+def level_normalised(waves: torch.Tensor) -> torch.Tensor:
+    """(B, N) waves, each scaled to RMS ``LEVEL_TARGET_RMS`` (a gain per window, nothing else)."""
+    rms = waves.float().square().mean(dim=-1, keepdim=True).sqrt()
+    return waves * (LEVEL_TARGET_RMS / rms.clamp_min(LEVEL_FLOOR_RMS)).to(waves.dtype)
 
 
 class Embeddings(NamedTuple):
@@ -99,6 +119,8 @@ class EnsembleModel(nn.Module):
 
     def embed(self, waves: torch.Tensor) -> Embeddings:
         """(B, N) float32 waves -> Embeddings. Call in eval mode for scoring."""
+        if self.config.normalise_level:
+            waves = level_normalised(waves)
         logmel, mel_power = self.frontend.forward_with_power(waves)
         freq = self.encoder(logmel)
         time = self.time_cnn(waves)
