@@ -15,6 +15,13 @@ Builders (each returns a plain dict; ``overrides`` win):
 - :func:`faust_settings` - keyword arguments for ``faust.App`` (aiokafka transport).
 - :func:`ensure_topics` - create topics that are missing (the broker never auto-creates).
 
+librdkafka's own log lines go through Python logging (logger ``stream_asd.librdkafka``, set as
+the confluent-kafka ``logger`` by every builder here), deduplicated: an unreachable broker
+repeats "Connect to ... failed: Connection refused" every ~50 ms, which printed ~290 raw lines
+before the clear error. Now the first of each kind is logged, then at most one per minute with
+the count of those left out (:class:`RepeatFilter`). The lines are handed over when the client
+is polled (``poll``/``flush``), never from librdkafka's own threads.
+
 Compression: confluent-kafka compresses, aiokafka/Faust must decompress: aiokafka needs
 ``cramjam`` for lz4/zstd (pyproject pins ``aiokafka[lz4,zstd]``).
 """
@@ -22,7 +29,10 @@ Compression: confluent-kafka compresses, aiokafka/Faust must decompress: aiokafk
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Literal, Mapping
 
 from .config import Settings
@@ -38,6 +48,85 @@ Compression = Literal["lz4", "zstd", "snappy", "gzip", "none"]
 DEFAULT_TOPIC_CONFIG: dict[str, str] = {"max.message.bytes": str(KAFKA_MAX_MESSAGE_BYTES)}
 # Consumers fetch up to this much per partition and request; several chunks per fetch.
 CONSUMER_PARTITION_FETCH_BYTES = 4 * KAFKA_MAX_MESSAGE_BYTES
+
+
+LIBRDKAFKA_LOGGER = "stream_asd.librdkafka"
+
+
+class RepeatFilter(logging.Filter):
+    """Deduplicates and rate-limits log records.
+
+    Records are alike when their level and message agree after volatile parts are blanked
+    (``(after 12ms in state CONNECT)``, ``1/1 brokers``, counts of suppressed errors). The
+    first of a kind passes; later ones pass at most once per ``interval_s``, carrying the
+    number left out since. At most ``burst`` records of any kinds pass per ``interval_s`` (a
+    cluster of many unreachable brokers), the rest are counted into the next that passes.
+    """
+
+    _VOLATILE = re.compile(r"\(after [^)]*\)|\d+ identical error\(s\) suppressed|\b\d+/\d+\b|\b\d+(?:\.\d+)?m?s\b")
+
+    def __init__(self, interval_s: float = 60.0, burst: int = 10, max_kinds: int = 512):
+        super().__init__()
+        self.interval_s, self.burst, self.max_kinds = interval_s, burst, max_kinds
+        self._kinds: OrderedDict[tuple[int, str], list[float | int]] = OrderedDict()  # key -> [last passed, left out]
+        self._window_start = -float("inf")
+        self._passed_in_window = 0
+        self._left_out_over_burst = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        key = (record.levelno, self._VOLATILE.sub("#", message))
+        now = time.monotonic()
+        with self._lock:
+            kind = self._kinds.get(key)
+            if kind is not None and now - kind[0] < self.interval_s:
+                kind[1] += 1
+                return False
+            if now - self._window_start >= self.interval_s:
+                self._window_start, self._passed_in_window = now, 0
+            if self._passed_in_window >= self.burst:
+                self._left_out_over_burst += 1
+                if kind is not None:
+                    kind[1] += 1
+                return False
+            self._passed_in_window += 1
+            left_out = int(kind[1]) if kind is not None else 0
+            others, self._left_out_over_burst = self._left_out_over_burst, 0
+            self._kinds[key] = [now, 0]
+            self._kinds.move_to_end(key)
+            while len(self._kinds) > self.max_kinds:
+                self._kinds.popitem(last=False)
+        notes = []
+        if left_out:
+            notes.append(f"{left_out} more like it left out")
+        if others:
+            notes.append(f"{others} other librdkafka line(s) left out")
+        if notes:
+            record.msg, record.args = f"{message} ({'; '.join(notes)})", None
+        return True
+
+
+_logger_lock = threading.Lock()
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger given to every confluent-kafka client (``"logger"`` in the configs built
+    here): librdkafka's lines as ``stream_asd.librdkafka`` records, through a
+    :class:`RepeatFilter`."""
+    logger = logging.getLogger(LIBRDKAFKA_LOGGER)
+    with _logger_lock:
+        if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+            logger.addFilter(RepeatFilter())
+    return logger
+
+
+def with_logger(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """``conf`` with librdkafka's logs routed through :func:`librdkafka_logger` (unless it
+    already names a ``logger``)."""
+    out = dict(conf)
+    out.setdefault("logger", librdkafka_logger())
+    return out
 
 
 def producer_conf(settings: Settings, *, compression: Compression = "lz4", linger_ms: float = 20.0,
@@ -57,6 +146,7 @@ def producer_conf(settings: Settings, *, compression: Compression = "lz4", linge
         "linger.ms": linger_ms,
         "batch.size": KAFKA_MAX_MESSAGE_BYTES,
         "message.max.bytes": KAFKA_MAX_MESSAGE_BYTES,
+        "logger": librdkafka_logger(),
     })
     conf.update(overrides)
     return conf
@@ -75,6 +165,7 @@ def consumer_conf(settings: Settings, group_id: str, *, auto_offset_reset: str =
         "fetch.message.max.bytes": CONSUMER_PARTITION_FETCH_BYTES,  # alias max.partition.fetch.bytes
         "fetch.max.bytes": 16 * CONSUMER_PARTITION_FETCH_BYTES,
         "enable.partition.eof": False,
+        "logger": librdkafka_logger(),
     })
     conf.update(overrides)
     return conf
@@ -82,6 +173,7 @@ def consumer_conf(settings: Settings, group_id: str, *, auto_offset_reset: str =
 
 def admin_conf(settings: Settings, **overrides: Any) -> dict[str, Any]:
     conf = settings.kafka.librdkafka()
+    conf["logger"] = librdkafka_logger()
     conf.update(overrides)
     return conf
 
@@ -190,13 +282,15 @@ def ensure_topics(bootstrap: str | Mapping[str, Any], topics: Mapping[str, int],
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    conf = {"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else dict(bootstrap)
+    conf = with_logger({"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else bootstrap)
     admin = AdminClient(conf)
     topic_config = {k: str(v) for k, v in (DEFAULT_TOPIC_CONFIG if config is None else config).items()}
     try:
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise BrokerError(f"cannot reach Kafka at {conf.get('bootstrap.servers')}: {exc}") from None
+        admin.poll(0)  # hand over librdkafka's queued log lines (deduplicated) before the clear error
+        raise BrokerError(f"cannot reach Kafka at {conf.get('bootstrap.servers')}: {exc}; start a local broker "
+                          "with `stream-asd broker start` or pass --bootstrap HOST:PORT") from None
     new = [NewTopic(name, num_partitions=int(n), replication_factor=replication_factor, config=topic_config)
            for name, n in topics.items() if name not in existing]
     if new:
@@ -237,7 +331,7 @@ def delete_topics(bootstrap: str | Mapping[str, Any], names: list[str], timeout:
 
     if not names:
         return
-    conf = {"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else dict(bootstrap)
+    conf = with_logger({"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else bootstrap)
     admin = AdminClient(conf)
     for name, future in admin.delete_topics(list(names), request_timeout=timeout).items():
         try:

@@ -281,3 +281,48 @@ def test_section_typo_warns(monkeypatch, caplog):
     assert s.kafka.bootstrap == "127.0.0.1:9092"
     assert any("ASD_KAFAK__BOOTSTRAP" in r.getMessage() and "ASD_KAFKA__BOOTSTRAP" in r.getMessage()
                for r in caplog.records)
+
+
+# -- 7. unreachable broker -------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: nothing listens
+
+
+def test_librdkafka_log_filter_deduplicates():
+    from stream_asd.kafka import librdkafka_logger
+
+    logger = librdkafka_logger()
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = Keep()
+    logger.addHandler(h)
+    try:
+        for i in range(290):
+            logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "stream-asd#producer-1",
+                       f"[thrd:127.0.0.1:1/bootstrap]: 127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: "
+                       f"Connection refused (after {i % 3}ms in state CONNECT)")
+        logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "stream-asd#producer-1", "something else")
+    finally:
+        logger.removeHandler(h)
+    assert 2 <= len(records) <= 4
+    assert "Connection refused" in records[0].getMessage() and "something else" in records[-1].getMessage()
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_broker_gives_a_few_lines_then_the_clear_message():
+    port = _closed_port()
+    r = subprocess.run([sys.executable, "-m", "stream_asd.cli", "produce", "--bootstrap", f"127.0.0.1:{port}",
+                        "--synthetic", "1", "--max-chunks", "1", "--fast", "--metrics-port", "0"],
+                       capture_output=True, text=True, timeout=100, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2
+    assert "cannot reach Kafka" in lines[-1] and "stream-asd broker start" in lines[-1]
+    assert "Connection refused" in r.stderr  # what librdkafka saw is still said, once
+    assert len(lines) <= 8, r.stderr

@@ -221,6 +221,7 @@ class ProducerAgent:
             try:
                 md = producer.list_topics(self.topic, timeout=15)
             except KafkaException as exc:
+                producer.poll(0)  # serve the queued error callbacks and (deduplicated) librdkafka log lines
                 seen = f" ({'; '.join(errors[:2])})" if errors else ""
                 raise ProducerError(f"cannot reach Kafka at {self.conf.get('bootstrap.servers')}: {exc}{seen}; "
                                     "start a local broker with `stream-asd broker start` "
