@@ -262,7 +262,7 @@ class OutputFile:
     Missing parent folders are created now (and removed again by :meth:`discard`); a temporary
     file is opened beside the target now, which proves the folder is writable, and renamed
     over the target by :meth:`write`. A target that exists and is not a regular file (e.g.
-    ``/dev/stdout``, a FIFO) is written directly.
+    ``/dev/stdout``, a FIFO), or a writable file in a folder that is not, is written in place.
     """
 
     def __init__(self, path: str | Path):
@@ -296,6 +296,9 @@ class OutputFile:
         try:
             fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".partial")
         except OSError as exc:
+            if p.is_file() and os.access(p, os.W_OK):  # a writable file in a read-only folder: in place
+                self._direct = True
+                return
             self.discard()
             raise AsdError(f"--out {p}: cannot write into {p.parent} ({exc.strerror}); "
                            "choose an --out in a folder you can write") from None
