@@ -50,7 +50,6 @@ class AugmentSettings:
 
 @dataclass
 class EncoderSettings:
-    name: str = "ghostnetv2_100"
     width: float = 1.0            # GhostNetV2 width multiplier (1.0 = ghostnetv2_100)
     embedding_dim: int = 128      # auxiliary embedding head before ArcFace
     proj_dim: int = 2048          # SimSiam projector output
@@ -92,7 +91,6 @@ class TimeCNNSettings:
     lr: float = 0.005             # AdamW
     weight_decay: float = 0.0005
     width: float = 1.0            # channel multiplier of Table 1 (1.0 = as printed)
-    embedding_dim: int = 128
 
 
 @dataclass
@@ -107,7 +105,6 @@ class FusionSettings:
 
 @dataclass
 class ScoringSettings:
-    gmm_components: int = 1
     gmm_max_iter: int = 1000
     gmm_reg_covar: float = 1e-4
     weight_fusion: float = 0.9
@@ -163,10 +160,8 @@ class AESettings:
 @dataclass
 class RunSettings:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
-    num_workers: int = 0
     threads: int = 0              # torch CPU threads (0 = torch default)
     max_steps: int = 0            # cap on optimiser steps per stage (0 = no cap; smoke runs)
-    log_every: int = 20
 
 
 @dataclass
@@ -305,7 +300,7 @@ def cpu() -> TrainProfile:
         # 0.7 keeps that real-data ranking and takes most of the validation gain; lower weights
         # score higher on synthetic faults only. The paper profile keeps 0.9 / 0.1.
         scoring=ScoringSettings(min_device_windows=50, fit_hop_fraction=0.25, weight_fusion=0.7, weight_stats=0.3),
-        run=RunSettings(device="cpu", log_every=10),
+        run=RunSettings(device="cpu"),
     )
 
 
@@ -317,12 +312,12 @@ def tiny() -> TrainProfile:
         encoder=EncoderSettings(width=0.25, embedding_dim=32, proj_dim=64, pred_hidden=16),
         simsiam=SimSiamSettings(epochs=1, batch_size=16),
         finetune=FinetuneSettings(epochs=1, batch_size=16),
-        timecnn=TimeCNNSettings(epochs=2, batch_size=16, width=0.25, embedding_dim=32),
+        timecnn=TimeCNNSettings(epochs=2, batch_size=16, width=0.25),
         fusion=FusionSettings(epochs=3, batch_size=16, map_side=10),
         ae=AESettings(n_mels=32, n_fft=512, hop_length=256, epochs=3, batch_size=128, hidden=32, bottleneck=4),
         scoring=ScoringSettings(gmm_max_iter=200, min_device_windows=20, device_gmm_min_windows=10,
                                 fit_hop_fraction=0.5),
-        run=RunSettings(device="cpu", log_every=1000),
+        run=RunSettings(device="cpu"),
     )
 
 
