@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_asd.audio.augment import PseudoAnomaly, SignalAugment, crop_points, crop_splice
+from stream_asd.audio.augment import PseudoAnomaly, SignalAugment, crop_points, crop_splice_mixup
 from stream_asd.audio.features import LogMelFrontend
 from stream_asd.model.losses import arcface_loss, contrastive_eq6_loss, simsiam_loss
 from stream_asd.model.networks import (
@@ -248,15 +248,13 @@ def pretrain_simsiam(model: SpectrogramModel, feats: Features, waves: torch.Tens
         target = F.one_hot(labels[idx], n_classes).float().to(feats.device)
         if torch.rand((), generator=gen).item() < cfg.p_mixup:
             # crop-splice + mixup (sec. 2.3) with a shuffled partner; both views get the same mix
+            # (one crop point and one partner for the batch: augment.crop_splice_mixup, tested)
             perm = torch.randperm(len(idx), generator=gen).to(feats.device)
-            fx, ty = crop_points(x1.shape[-2], x1.shape[-1], gen)
+            points = crop_points(x1.shape[-2], x1.shape[-1], gen)
             lam = cfg.mixup_lambda
-            mixed = []
-            for x in (x1, x2):
-                s1, s2 = crop_splice(x, x[perm], fx, ty)
-                mixed.append((1 - lam) * s1 + lam * s2)
-            x1, x2 = mixed
-            target = (1 - lam) * target + lam * target[perm]
+            x1, mixed_target = crop_splice_mixup(x1, x1[perm], target, target[perm], lam=lam, points=points)
+            x2, _ = crop_splice_mixup(x2, x2[perm], target, target[perm], lam=lam, points=points)
+            target = mixed_target
         h1, h2 = model.encoder(x1), model.encoder(x2)
         z1, p1 = model.simsiam(h1)
         z2, p2 = model.simsiam(h2)
