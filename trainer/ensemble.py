@@ -29,8 +29,7 @@ from stream_asd.audio.augment import PseudoAnomaly, SignalAugment, crop_points, 
 from stream_asd.audio.features import LogMelFrontend
 from stream_asd.model.losses import arcface_loss, contrastive_eq6_loss, simsiam_loss
 from stream_asd.model.networks import (
-    TABLE1_BLOCKS, ArcFaceHead, EmbeddingHead, EncoderConfig, FusionConfig, FusionNet, SimSiamConfig,
-    SimSiamHead, SpectrogramEncoder, TimeCNN, TimeCNNConfig,
+    TABLE1_BLOCKS, ArcFaceHead, EmbeddingHead, FusionNet, SimSiamHead, SpectrogramEncoder, TimeCNN, TimeCNNConfig,
 )
 
 from .profiles import TrainProfile
@@ -204,23 +203,10 @@ class SpectrogramModel:
             m.train(mode)
 
 
-def build_spectrogram_model(profile: TrainProfile, n_classes: int, device: torch.device) -> SpectrogramModel:
-    e = profile.encoder
-    encoder = SpectrogramEncoder(EncoderConfig(width=e.width))
-    simsiam = SimSiamHead(SimSiamConfig(in_features=encoder.out_features, proj_dim=e.proj_dim, pred_hidden=e.pred_hidden))
-    emb_head = EmbeddingHead(encoder.out_features, e.embedding_dim, hidden=max(e.embedding_dim, 256))
-    arcface = ArcFaceHead(e.embedding_dim, n_classes, s=e.arcface_s, m=e.arcface_m)
-    return SpectrogramModel(encoder.to(device), simsiam.to(device), emb_head.to(device), arcface.to(device))
-
-
 def timecnn_config(profile: TrainProfile) -> TimeCNNConfig:
     w = profile.timecnn.width
     blocks = tuple((t, max(8, int(round(c * w))), s) for t, c, s in TABLE1_BLOCKS)
     return TimeCNNConfig(stem_channels=max(8, int(round(16 * w))), blocks=blocks)
-
-
-def fusion_config(profile: TrainProfile, freq_features: int, time_features: int) -> FusionConfig:
-    return FusionConfig(freq_features=freq_features, time_features=time_features, map_side=profile.fusion.map_side)
 
 
 # --------------------------------------------------------------------------------------------
