@@ -14,7 +14,10 @@ Layout::
 reader never sees half a bundle. ``ModelBundle.load`` reads JSON and safetensors only (loading
 cannot execute code), verifies the format version, every checksum, that no file is missing or
 unlisted, and that the feature spec is valid and matches the weights; any problem raises
-:class:`~stream_asd.errors.BundleError` saying what is wrong.
+:class:`~stream_asd.errors.BundleError` saying what is wrong. Hostile input is refused before
+it is read (docs/model.md, "Refused bundles"): symbolic links, names that leave the folder or
+are not ``.safetensors``, sizes beyond MAX_* (from the manifest and lstat), non-finite numbers,
+out-of-range integers and deep nesting in the manifest.
 """
 
 from __future__ import annotations
