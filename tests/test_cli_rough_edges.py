@@ -326,3 +326,15 @@ def test_unreachable_broker_gives_a_few_lines_then_the_clear_message():
     assert "cannot reach Kafka" in lines[-1] and "stream-asd broker start" in lines[-1]
     assert "Connection refused" in r.stderr  # what librdkafka saw is still said, once
     assert len(lines) <= 8, r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_archiver_with_unreachable_broker_says_so_without_a_traceback(tmp_path):
+    port = _closed_port()
+    r = subprocess.run([sys.executable, "-m", "stream_asd.cli", "archive", "--bootstrap", f"127.0.0.1:{port}",
+                        "--to", str(tmp_path / "archive"), "--stop-when-idle", "5", "--metrics-port", "0"],
+                       capture_output=True, text=True, timeout=100, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert "cannot reach Kafka" in last and "stream-asd broker start" in last

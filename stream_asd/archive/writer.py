@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import WireFormatError
+from ..errors import BrokerError, WireFormatError
 from ..wire import AudioChunk, ScoreRecord, decode_chunk, processing_error
 from .store import ENTRY_SCHEMA, ArchiveStore, partition_rel, segment_name
 
@@ -523,17 +523,23 @@ class Archiver:
             lag_metric.remove((self.audio_topic, p) for p in revoked)
 
     def _open_scores(self) -> Any:
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
 
         conf = {k: v for k, v in self.kafka_conf.items() if k != "group.instance.id"}
         conf.update({"group.id": f"{self.group_id}-scores-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
                      "auto.offset.reset": "earliest"})
         c = Consumer(conf)
-        md = c.list_topics(self.scores_topic, timeout=15)
+        try:
+            md = c.list_topics(self.scores_topic, timeout=15)
+        except KafkaException as exc:
+            c.close()
+            raise BrokerError(f"cannot reach Kafka at {conf.get('bootstrap.servers')} to read {self.scores_topic}: "
+                              f"{exc.args[0].str() if exc.args else exc}; start a local broker with "
+                              "`stream-asd broker start` or pass --bootstrap HOST:PORT") from None
         topic = md.topics.get(self.scores_topic)
         if topic is None or topic.error is not None or not topic.partitions:
             c.close()
-            raise RuntimeError(f"topic {self.scores_topic} not found; start the processor (or create topics) first")
+            raise BrokerError(f"topic {self.scores_topic} not found; start the processor (or create topics) first")
         since_ms = int((time.time() - self.options.scores_lookback_s) * 1000)
         tps = [TopicPartition(self.scores_topic, p, since_ms) for p in topic.partitions]
         offsets = c.offsets_for_times(tps, timeout=15)
