@@ -1,4 +1,4 @@
-"""``normalise_level`` (DEVIATION 12): a microphone's gain is not taken for a fault."""
+"""``normalise_level`` (DEVIATION 13): a microphone's gain is not taken for a fault."""
 
 from __future__ import annotations
 

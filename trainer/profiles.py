@@ -31,7 +31,7 @@ class FeatureSettings:
     n_mels: int = FeatureSpec.n_mels
     # hop between training windows cut from longer clips (fraction of the window)
     train_hop_fraction: float = 1.0
-    # scale every window to one RMS level before the networks and statistics (DEVIATION 12)
+    # scale every window to one RMS level before the networks and statistics (DEVIATION 13)
     normalise_level: bool = False
 
 
@@ -121,7 +121,7 @@ class ScoringSettings:
     # hop (fraction of the window) of the windows the GMMs and thresholds are fitted on; finer
     # than features.train_hop_fraction gives the 128-d full covariance more (overlapping) windows
     fit_hop_fraction: float = 1.0
-    # novelty scorer per model part: gmm (the paper's Gaussian) or knn (DEVIATION 11: mean
+    # novelty scorer per model part: gmm (the paper's Gaussian) or knn (DEVIATION 12: mean
     # distance to the knn_k nearest of at most knn_bank normal windows; docs/model.md)
     fusion_scorer: str = "gmm"
     stats_scorer: str = "gmm"

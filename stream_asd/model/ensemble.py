@@ -42,7 +42,7 @@ class EnsembleConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     time_cnn: TimeCNNConfig = field(default_factory=TimeCNNConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    # DEVIATION 12 (docs/model.md): every window scaled to one RMS level before the networks
+    # DEVIATION 13 (docs/model.md): every window scaled to one RMS level before the networks
     # and the statistics, so that a microphone's gain or distance is not taken for a fault
     normalise_level: bool = False
 

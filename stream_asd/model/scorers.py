@@ -7,7 +7,7 @@ standardised score (held-out normals: mean 0, std 1) that the ensemble weights a
   z-scored per dimension first. For a full covariance that only adds a constant to every NLL,
   which the standardisation removes; it keeps the fit well conditioned when feature scales
   differ by orders of magnitude (mel power statistics) and makes ``reg_covar`` a relative ridge.
-- ``KnnScorer`` (DEVIATION 11, docs/model.md): the mean distance to the k nearest normal
+- ``KnnScorer`` (DEVIATION 12, docs/model.md): the mean distance to the k nearest normal
   windows in a memory bank (cosine for embeddings, Euclidean on z-scored inputs otherwise).
   A GMM's NLL grows with the square of the distance along directions the few training windows
   happened not to vary in, so a healthy state the training clips never heard scores in the

@@ -172,7 +172,7 @@ class EnsembleGroup:
       enough training windows; ``scores(..., device_ids)`` uses a device's own pair when present
       and the group's otherwise. DEVIATION 9: the paper fits one GMM pair per machine type/id set.
     - scorer kinds (``fit(fusion_scorer=..., stats_scorer=...)``): ``gmm`` (the paper) or
-      ``knn`` (DEVIATION 11): cosine k-NN on fusion embeddings, Euclidean k-NN on z-scored
+      ``knn`` (DEVIATION 12): cosine k-NN on fusion embeddings, Euclidean k-NN on z-scored
       statistics features. Each part's kind is stored with it.
     """
 
