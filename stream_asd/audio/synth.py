@@ -11,6 +11,9 @@ What it makes
   background (mains hum 50/60 Hz, room noise, distant knocks) all derive from that triple.
   Normal operation varies slowly, as real machines do: speed +-1 %, load/level +-1 dB, noise
   colour, background level, a neighbouring machine switching on and off (minutes).
+- What is particular to a machine type is one small recipe in ``_RECIPES`` (machine type ->
+  function drawing its harmonics, noise colour, rhythm and events); what a fault changes is one
+  recipe in ``_FAULT_RECIPES``. Built voices are cached.
 - Faults (``FAULT_TYPES``), each at a severity in [0, 1]: ``bearing`` (impulses at a
   non-integer multiple of the shaft rate exciting a high resonance, load-zone modulated),
   ``imbalance`` (once-per-revolution tone and amplitude modulation), ``rubbing`` (high-band
@@ -50,7 +53,7 @@ import numbers
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -284,8 +287,259 @@ def _decaying_modes(sr: int, modes: Sequence[tuple[float, float, float]], noise_
     return (k / peak if peak > 0 else k).astype(np.float32)
 
 
+
+def _gate_table(duty: float, edge: float) -> np.ndarray:
+    """Raised-cosine gate over one period: 1 during [0, duty), edges of ``edge`` (fractions)."""
+    x = np.arange(_TABLE) / _TABLE
+    edge = max(edge, 1.0 / _TABLE)
+    up = np.clip(x / edge, 0, 1) * np.clip((duty - x) / edge, 0, 1)
+    return _periodic_table(0.5 - 0.5 * np.cos(np.pi * up))
+
+
+# ------------------------------------------------------------------------------------------
+# Machine recipes: what is particular to each machine type
+#
+# A recipe draws, from the device's voice random stream, its machine's rotating part (shaft
+# rate and harmonic weights), the colour and level of its noise and its rhythm: how the noise
+# (and, for cycling machines, the tones) is modulated, and the events of a cycle. What every
+# machine has (phases, background, fault properties, slow variability) is drawn afterwards by
+# _build_voice. The order of the draws inside a recipe is part of every device's sound: change
+# it only together with GENERATOR_VERSION.
+
+
+class _Event(NamedTuple):
+    """A periodic event of a cycling machine (an end-stop impact, a valve click)."""
+
+    name: str
+    offset: float  # position in the cycle, fraction of the period
+    amp: float
+    kernels: tuple  # impulse-response variants; each event picks one
+    jitter_s: float
+
+
+@dataclass(frozen=True)
+class _ShaftAM:
+    """Rotating machine: noise amplitude-modulated ``cycles_per_rev`` times per shaft revolution
+    (fan blade pass, gearbox shaft rate)."""
+
+    cycles_per_rev: float
+    depth: float
+    events = ()  # no periodic events (a class attribute, not a field)
+
+    def apply(self, r: "_Renderer", cycles: np.ndarray, rot: np.ndarray, noise: np.ndarray) -> None:
+        noise *= 1.0 + self.depth * _lookup(_COS, self.cycles_per_rev * cycles)
+
+
+@dataclass(frozen=True)
+class _ShaftPulse:
+    """Rotating machine: noise shaped by a pulse ``table`` ``cycles_per_rev`` times per
+    revolution (pump vane pass)."""
+
+    cycles_per_rev: float
+    table: np.ndarray
+    events = ()
+
+    def apply(self, r: "_Renderer", cycles: np.ndarray, rot: np.ndarray, noise: np.ndarray) -> None:
+        noise *= _lookup(self.table, self.cycles_per_rev * cycles)
+
+
+@dataclass(frozen=True)
+class _Cycle:
+    """Cycling machine (slider strokes, valve open/close): a ``gate`` over each period of
+    ``period_s`` seconds between a floor and 1 for the tones and the noise, and ``events``
+    placed on the cycle."""
+
+    period_s: float
+    gate: np.ndarray
+    rot_floor: float
+    noise_floor: float
+    events: tuple
+
+    def apply(self, r: "_Renderer", cycles: np.ndarray, rot: np.ndarray, noise: np.ndarray) -> None:
+        gate = _lookup(self.gate, r.rhythm_time() / self.period_s)
+        rot *= self.rot_floor + (1.0 - self.rot_floor) * gate
+        noise *= self.noise_floor + (1.0 - self.noise_floor) * gate
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """What a recipe draws with: the device's voice random stream and the render's frequency
+    grid, the highest harmonic to synthesise and the device's overall gain."""
+
+    rng: np.random.Generator
+    sr: int
+    freqs: np.ndarray  # bins of a noise segment, Hz
+    f_top: float
+    gain: float
+
+    def harmonics_up_to(self, f_r: float) -> range:
+        return range(1, max(2, int(self.f_top / f_r)) + 1)
+
+
+@dataclass(frozen=True)
+class _MachineParts:
+    """A recipe's result (levels before the device's gain; harmonics above f_top are dropped
+    by the caller)."""
+
+    f_r: float  # shaft (or motor) rotation frequency, Hz
+    amps: dict  # harmonic number -> amplitude
+    noise_mag: np.ndarray  # magnitude response of the machine noise
+    rot_level: float
+    noise_level: float
+    rhythm: "_ShaftAM | _ShaftPulse | _Cycle"
+    summary: dict  # the type's main numbers, for describe()
+
+
+def _fan(draw: _Draw) -> _MachineParts:
+    """Shaft and blade-pass harmonics under a formant; airflow noise modulated at blade pass."""
+    rng, u = draw.rng, draw.rng.uniform
+    f_r = u(16.0, 26.0)
+    blades = int(rng.integers(5, 10))
+    slope = u(0.9, 1.5)
+    formant_fc, formant_gain = u(300, 1500), u(0.5, 2.0)
+    amps: dict[int, float] = {}
+    for h in draw.harmonics_up_to(f_r):
+        f = h * f_r
+        if h % blades == 0:
+            a = (h // blades) ** -slope * u(0.6, 1.4)
+        else:
+            a = 0.06 * u(0.5, 1.5) * math.exp(-h / 6)
+        amps[h] = a * (1 + formant_gain * math.exp(-0.5 * (math.log2(f / formant_fc) / 0.5) ** 2))
+    noise_mag = _shape_noise(draw.freqs, tilt_db_oct=u(-4.5, -2.0), f_ref=500.0,
+                             bumps=[(u(400, 1600), u(0.6, 1.2), u(4, 10))], lowpass=(u(3500, 6500), 2),
+                             highpass=60.0)
+    rot_level, noise_level = u(0.04, 0.07), u(0.05, 0.08)
+    rhythm = _ShaftAM(float(blades), u(0.05, 0.2))
+    return _MachineParts(f_r, amps, noise_mag, rot_level, noise_level, rhythm,
+                         {"shaft_hz": f_r, "blades": blades, "blade_pass_hz": blades * f_r})
+
+
+def _pump(draw: _Draw) -> _MachineParts:
+    """Motor harmonics, vane-pass harmonics raised; fluid noise pulsating at vane pass."""
+    rng, u = draw.rng, draw.rng.uniform
+    f_r = u(24.0, 48.0)
+    vanes = int(rng.integers(3, 8))
+    decay = u(4, 10)
+    amps: dict[int, float] = {}
+    for h in draw.harmonics_up_to(f_r):
+        a = math.exp(-h / decay) * u(0.5, 1.5)
+        if h % vanes == 0:
+            a *= u(2, 4) / math.sqrt(h // vanes)
+        amps[h] = a
+    noise_mag = _shape_noise(draw.freqs, tilt_db_oct=-3.0, f_ref=500.0,
+                             bumps=[(u(250, 1200), u(0.8, 1.5), u(8, 14))], lowpass=(u(3000, 5000), 2))
+    rot_level, noise_level = u(0.03, 0.05), u(0.05, 0.08)
+    floor, q = u(0.2, 0.5), u(1.0, 3.0)
+    x = np.arange(_TABLE) / _TABLE
+    pulse = floor + (1 - floor) * (0.5 + 0.5 * np.cos(2 * np.pi * x)) ** q
+    rhythm = _ShaftPulse(float(vanes), _periodic_table(pulse / pulse.mean()))
+    return _MachineParts(f_r, amps, noise_mag, rot_level, noise_level, rhythm,
+                         {"shaft_hz": f_r, "vanes": vanes, "pulsation_hz": vanes * f_r})
+
+
+def _slider(draw: _Draw) -> _MachineParts:
+    """Strokes: gated motor harmonics and whine, friction noise, an impact at each stroke end."""
+    rng, u, sr = draw.rng, draw.rng.uniform, draw.sr
+    f_r = u(35.0, 70.0)
+    decay = u(2, 5)
+    amps: dict[int, float] = {}
+    for h in draw.harmonics_up_to(f_r):
+        if h <= 25:
+            amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+    whine = int(round(u(1500, 3000) / f_r))
+    amps[whine] = amps.get(whine, 0.0) + u(0.2, 0.5)
+    noise_mag = _shape_noise(draw.freqs, tilt_db_oct=-2.0, bumps=[(u(1000, 3000), 1.0, 10.0)],
+                             lowpass=(7000.0, 2), highpass=100.0)
+    rot_level, noise_level = u(0.03, 0.05), u(0.04, 0.07)
+    period_s, duty, edge = u(1.2, 2.4), u(0.35, 0.6), 0.06
+    k_end = tuple(_decaying_modes(sr, [(u(300, 1500), u(0.015, 0.04), 1.0), (u(1500, 4000), u(0.008, 0.02), 0.6)],
+                                  2.0, 0.3, rng) for _ in range(3))
+    events = (_Event("stroke_end", duty, u(0.15, 0.3) * draw.gain, k_end, 0.004),
+              _Event("stroke_start", 0.0, u(0.05, 0.1) * draw.gain, k_end, 0.004))
+    rhythm = _Cycle(period_s, _gate_table(duty, edge / period_s), 0.15, 0.05, events)
+    return _MachineParts(f_r, amps, noise_mag, rot_level, noise_level, rhythm,
+                         {"motor_hz": f_r, "stroke_period_s": period_s, "duty": duty})
+
+
+def _valve(draw: _Draw) -> _MachineParts:
+    """Open/close clicks with their own resonances, flow hiss while open, a steady pump hum."""
+    rng, u, sr = draw.rng, draw.rng.uniform, draw.sr
+    f_r = u(20.0, 45.0)
+    decay = u(3, 8)
+    amps: dict[int, float] = {}
+    for h in draw.harmonics_up_to(f_r):
+        if h <= 30:
+            amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+    noise_mag = _shape_noise(draw.freqs, tilt_db_oct=0.0, bumps=[(u(2000, 4500), 0.7, 12.0)],
+                             lowpass=(7000.0, 2), highpass=500.0)
+    rot_level, noise_level = u(0.02, 0.035), u(0.02, 0.04)
+    period_s, duty, edge = u(0.5, 1.5), u(0.25, 0.6), 0.008
+
+    def click_bank() -> tuple:
+        base = [(u(800, 6000), u(0.003, 0.015), u(0.4, 1.0)) for _ in range(3)]
+        # three variants of one click: same resonances, slightly different strike
+        return tuple(_decaying_modes(sr, [(f * u(0.98, 1.02), d, a * u(0.8, 1.2)) for f, d, a in base], 1.5, 0.4, rng)
+                     for _ in range(3))
+
+    open_amp = u(0.2, 0.35) * draw.gain
+    events = (_Event("open", 0.0, open_amp, click_bank(), 0.003),
+              _Event("close", duty, open_amp * u(1.1, 1.5), click_bank(), 0.003))
+    rhythm = _Cycle(period_s, _gate_table(duty, edge / period_s), 1.0, 0.03, events)
+    return _MachineParts(f_r, amps, noise_mag, rot_level, noise_level, rhythm,
+                         {"pump_hz": f_r, "cycle_s": period_s, "open_fraction": duty})
+
+
+def _gearbox(draw: _Draw) -> _MachineParts:
+    """Meshing harmonics with shaft-rate sidebands, a little shaft-rate modulation."""
+    rng, u = draw.rng, draw.rng.uniform
+    f_r = u(12.0, 28.0)
+    teeth = int(rng.integers(17, 42))
+    slope = u(0.8, 1.6)
+    amps: dict[int, float] = {}
+    for m in range(1, 5):
+        mesh = m * teeth
+        if mesh * f_r > draw.f_top:
+            break
+        a_mesh = m ** -slope * u(0.6, 1.4)
+        amps[mesh] = amps.get(mesh, 0.0) + a_mesh
+        for j in range(1, 4):
+            for side in (mesh - j, mesh + j):
+                amps[side] = amps.get(side, 0.0) + a_mesh * 0.3 * u(0.3, 1.0) * math.exp(-(j - 1) / 1.2)
+    for h in range(1, 5):
+        amps[h] = amps.get(h, 0.0) + 0.1 * u(0.5, 1.5)
+    noise_mag = _shape_noise(draw.freqs, tilt_db_oct=-3.0, bumps=[(u(1500, 3500), 0.5, 8.0)], lowpass=(6000.0, 2))
+    rot_level, noise_level = u(0.05, 0.08), u(0.02, 0.035)
+    rhythm = _ShaftAM(1.0, u(0.04, 0.12))
+    return _MachineParts(f_r, amps, noise_mag, rot_level, noise_level, rhythm,
+                         {"shaft_hz": f_r, "teeth": teeth, "mesh_hz": teeth * f_r})
+
+
+#: machine type -> recipe, in the order of MACHINE_TYPES (a new type: a recipe here, its name in
+#: MACHINE_TYPES and its faults in FAULTS_BY_TYPE)
+_RECIPES: dict[str, Callable[[_Draw], _MachineParts]] = {
+    "fan": _fan, "pump": _pump, "slider": _slider, "valve": _valve, "gearbox": _gearbox,
+}
+
+
 # ------------------------------------------------------------------------------------------
 # Device voices: everything derived from a profile, per sample rate (cached)
+
+
+@dataclass(frozen=True)
+class _Background:
+    """The factory around a device: room noise, mains hum, distant knocks, a neighbouring
+    machine switching on and off, and the slow change of their level."""
+
+    shape: np.ndarray  # room noise, float32 unit-RMS shape
+    level: float
+    hum_hz: float
+    hum_level: float
+    knock_kernels: tuple
+    knock_amp: float
+    var: np.ndarray  # slow level terms (amplitude, freq Hz, phase cycles)
+    neighbour_table: np.ndarray
+    neighbour_hz: float
+    neighbour_level: float
 
 
 class _Ident(NamedTuple):
@@ -296,47 +550,33 @@ class _Ident(NamedTuple):
     seed: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Voice:
+    """Everything a device sounds like at one sample rate. Built once, then only read."""
+
     profile: _Ident
     sr: int
     f_r: float  # shaft (or motor) rotation frequency, Hz
     wobble: np.ndarray  # (k, 3): speed-multiplier terms (amplitude, freq Hz, phase cycles)
-    rot_amps: dict
-    rot_phases: dict
+    rot_amps: Mapping[int, float]
+    rot_phases: Mapping[int, float]
     rot_table: np.ndarray
     rot_level: float
     noise_shape: np.ndarray  # float32, unit-RMS
     noise_level: float
-    bg_shape: np.ndarray
-    bg_level: float
-    hum_hz: float
-    hum_level: float
-    env_kind: str  # 'am' | 'table' | 'gate'
-    env_cycles_per_rev: float  # for 'am'/'table': envelope period in shaft revolutions
-    env_table: np.ndarray | None
-    env_depth: float
-    period_s: float  # slider stroke / valve cycle period (0 for rotating machines)
-    gate_table: np.ndarray | None  # stroke/open gate over one period
-    rot_gate_floor: float
-    noise_gate_floor: float
-    events: list  # [(name, offset in period, amplitude, kernels[list], jitter_s)]
-    knock_kernels: list
-    knock_amp: float
+    rhythm: "_ShaftAM | _ShaftPulse | _Cycle"
+    background: _Background
+    # normal variability: load (level) and noise colour, slowly
+    level_var: np.ndarray
+    colour_var: np.ndarray
+    colour_delta: np.ndarray
+    # device properties used only when a fault is injected
     bearing_ratio: float
     bearing_kernel: np.ndarray
     rub_fc: float  # centre of the rubbing friction band (Hz)
-    flutter: np.ndarray  # (4, 3) terms for clogging irregularity
+    flutter: np.ndarray
     machine_rms: float
-    # normal operating variability (slow, minutes): load/level, noise colour, background
-    level_var: np.ndarray  # (k, 3): relative level terms (amplitude, Hz, phase cycles)
-    colour_var: np.ndarray  # (k, 3): terms of the brighter/darker noise mix in [0, 1]
-    colour_delta: np.ndarray  # noise shape difference brighter - normal (float32)
-    bg_var: np.ndarray  # (k, 3): relative background level terms
-    neighbour_table: np.ndarray  # a neighbouring machine, on and off over time
-    neighbour_hz: float
-    neighbour_level: float
-    summary: dict
+    summary: Mapping
 
 
 def _freq_grid(sr: int) -> np.ndarray:
@@ -373,9 +613,10 @@ def _voice(profile: DeviceProfile, sr: int) -> _Voice:
 
 
 def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
+    """The machine type's recipe, then what every machine has. The order of the random draws is
+    part of every device's sound."""
     rng = _rng(profile, "voice")
     u = rng.uniform
-    mt = profile.machine_type
     freqs = _freq_grid(sr)
     f_top = min(5200.0, 0.42 * sr)  # highest harmonic we synthesise
     gain = u(0.75, 1.25)
@@ -385,127 +626,18 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     fast = [(u(0.0002, 0.0005), u(2.0, 7.0), u()) for _ in range(2)]
     wobble = np.array(slow + fast)
 
-    amps: dict[int, float] = {}
-    phases: dict[int, float] = {}
-    env_kind, env_cpr, env_table, env_depth = "am", 1.0, None, 0.0
-    period_s, gate_table, rot_gate_floor, noise_gate_floor = 0.0, None, 1.0, 1.0
-    events: list = []
-    summary: dict = {}
-
-    def harmonics_up_to(f_r: float) -> range:
-        return range(1, max(2, int(f_top / f_r)) + 1)
-
-    if mt == "fan":
-        f_r = u(16.0, 26.0)
-        blades = int(rng.integers(5, 10))
-        slope = u(0.9, 1.5)
-        formant_fc, formant_gain = u(300, 1500), u(0.5, 2.0)
-        for h in harmonics_up_to(f_r):
-            f = h * f_r
-            if h % blades == 0:
-                a = (h // blades) ** -slope * u(0.6, 1.4)
-            else:
-                a = 0.06 * u(0.5, 1.5) * math.exp(-h / 6)
-            amps[h] = a * (1 + formant_gain * math.exp(-0.5 * (math.log2(f / formant_fc) / 0.5) ** 2))
-        noise_mag = _shape_noise(freqs, tilt_db_oct=u(-4.5, -2.0), f_ref=500.0,
-                                 bumps=[(u(400, 1600), u(0.6, 1.2), u(4, 10))], lowpass=(u(3500, 6500), 2),
-                                 highpass=60.0)
-        rot_level, noise_level = u(0.04, 0.07), u(0.05, 0.08)
-        env_kind, env_cpr, env_depth = "am", float(blades), u(0.05, 0.2)
-        summary = {"shaft_hz": f_r, "blades": blades, "blade_pass_hz": blades * f_r}
-    elif mt == "pump":
-        f_r = u(24.0, 48.0)
-        vanes = int(rng.integers(3, 8))
-        decay = u(4, 10)
-        for h in harmonics_up_to(f_r):
-            a = math.exp(-h / decay) * u(0.5, 1.5)
-            if h % vanes == 0:
-                a *= u(2, 4) / math.sqrt(h // vanes)
-            amps[h] = a
-        noise_mag = _shape_noise(freqs, tilt_db_oct=-3.0, f_ref=500.0,
-                                 bumps=[(u(250, 1200), u(0.8, 1.5), u(8, 14))], lowpass=(u(3000, 5000), 2))
-        rot_level, noise_level = u(0.03, 0.05), u(0.05, 0.08)
-        floor, q = u(0.2, 0.5), u(1.0, 3.0)
-        x = np.arange(_TABLE) / _TABLE
-        pulse = floor + (1 - floor) * (0.5 + 0.5 * np.cos(2 * np.pi * x)) ** q
-        env_kind, env_cpr, env_table = "table", float(vanes), _periodic_table(pulse / pulse.mean())
-        summary = {"shaft_hz": f_r, "vanes": vanes, "pulsation_hz": vanes * f_r}
-    elif mt == "slider":
-        f_r = u(35.0, 70.0)
-        decay = u(2, 5)
-        for h in harmonics_up_to(f_r):
-            if h <= 25:
-                amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
-        whine = int(round(u(1500, 3000) / f_r))
-        amps[whine] = amps.get(whine, 0.0) + u(0.2, 0.5)
-        noise_mag = _shape_noise(freqs, tilt_db_oct=-2.0, bumps=[(u(1000, 3000), 1.0, 10.0)],
-                                 lowpass=(7000.0, 2), highpass=100.0)
-        rot_level, noise_level = u(0.03, 0.05), u(0.04, 0.07)
-        period_s, duty, edge = u(1.2, 2.4), u(0.35, 0.6), 0.06
-        gate_table = _gate_table(duty, edge / period_s)
-        rot_gate_floor, noise_gate_floor = 0.15, 0.05
-        env_kind = "gate"
-        k_end = [_decaying_modes(sr, [(u(300, 1500), u(0.015, 0.04), 1.0), (u(1500, 4000), u(0.008, 0.02), 0.6)],
-                                 2.0, 0.3, rng) for _ in range(3)]
-        events = [("stroke_end", duty, u(0.15, 0.3) * gain, k_end, 0.004),
-                  ("stroke_start", 0.0, u(0.05, 0.1) * gain, k_end, 0.004)]
-        summary = {"motor_hz": f_r, "stroke_period_s": period_s, "duty": duty}
-    elif mt == "valve":
-        f_r = u(20.0, 45.0)
-        decay = u(3, 8)
-        for h in harmonics_up_to(f_r):
-            if h <= 30:
-                amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
-        noise_mag = _shape_noise(freqs, tilt_db_oct=0.0, bumps=[(u(2000, 4500), 0.7, 12.0)],
-                                 lowpass=(7000.0, 2), highpass=500.0)
-        rot_level, noise_level = u(0.02, 0.035), u(0.02, 0.04)
-        period_s, duty, edge = u(0.5, 1.5), u(0.25, 0.6), 0.008
-        gate_table = _gate_table(duty, edge / period_s)
-        rot_gate_floor, noise_gate_floor = 1.0, 0.03
-        env_kind = "gate"
-
-        def click_bank():
-            base = [(u(800, 6000), u(0.003, 0.015), u(0.4, 1.0)) for _ in range(3)]
-            # three variants of one click: same resonances, slightly different strike
-            return [_decaying_modes(sr, [(f * u(0.98, 1.02), d, a * u(0.8, 1.2)) for f, d, a in base], 1.5, 0.4, rng)
-                    for _ in range(3)]
-
-        open_amp = u(0.2, 0.35) * gain
-        events = [("open", 0.0, open_amp, click_bank(), 0.003),
-                  ("close", duty, open_amp * u(1.1, 1.5), click_bank(), 0.003)]
-        summary = {"pump_hz": f_r, "cycle_s": period_s, "open_fraction": duty}
-    elif mt == "gearbox":
-        f_r = u(12.0, 28.0)
-        teeth = int(rng.integers(17, 42))
-        slope = u(0.8, 1.6)
-        for m in range(1, 5):
-            mesh = m * teeth
-            if mesh * f_r > f_top:
-                break
-            a_mesh = m ** -slope * u(0.6, 1.4)
-            amps[mesh] = amps.get(mesh, 0.0) + a_mesh
-            for j in range(1, 4):
-                for side in (mesh - j, mesh + j):
-                    amps[side] = amps.get(side, 0.0) + a_mesh * 0.3 * u(0.3, 1.0) * math.exp(-(j - 1) / 1.2)
-        for h in range(1, 5):
-            amps[h] = amps.get(h, 0.0) + 0.1 * u(0.5, 1.5)
-        noise_mag = _shape_noise(freqs, tilt_db_oct=-3.0, bumps=[(u(1500, 3500), 0.5, 8.0)], lowpass=(6000.0, 2))
-        rot_level, noise_level = u(0.05, 0.08), u(0.02, 0.035)
-        env_kind, env_cpr, env_depth = "am", 1.0, u(0.04, 0.12)
-        summary = {"shaft_hz": f_r, "teeth": teeth, "mesh_hz": teeth * f_r}
-    else:  # pragma: no cover - DeviceProfile validates
-        raise SynthError(mt)
-
-    amps = {h: a for h, a in amps.items() if h * f_r <= f_top}
+    machine = _RECIPES[profile.machine_type](_Draw(rng, sr, freqs, f_top, gain))
+    f_r = machine.f_r
+    amps = {h: a for h, a in machine.amps.items() if h * f_r <= f_top}
     phases = {h: u(0, 2 * np.pi) for h in sorted(amps)}
-    rot_level *= gain
-    noise_level *= gain
+    rot_level = machine.rot_level * gain
+    noise_level = machine.noise_level * gain
 
     # factory background: mains hum, room noise, distant knocks
     hum_hz = 50.0 if u() < 0.5 else 60.0
     bg_mag = _shape_noise(freqs, tilt_db_oct=-3.0, f_ref=500.0, bumps=[(u(100, 400), 1.0, 6.0)], lowpass=(6000.0, 2))
-    knock_kernels = [_decaying_modes(sr, [(u(60, 200), u(0.02, 0.05), 1.0), (u(200, 600), u(0.01, 0.03), 0.4)])
-                     for _ in range(2)]
+    knock_kernels = tuple(_decaying_modes(sr, [(u(60, 200), u(0.02, 0.05), 1.0), (u(200, 600), u(0.01, 0.03), 0.4)])
+                          for _ in range(2))
 
     # fault-specific device properties (used only when a fault is injected)
     bearing_ratio = u(3.1, 5.7)
@@ -514,6 +646,10 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     rub_fc = min(u(3000, 6000), 0.4 * sr)
     flutter = np.array([(u(0.5, 1.0), u(0.7, 5.0), u()) for _ in range(4)])
     flutter[:, 0] /= flutter[:, 0].sum()
+    # the last three draws of the voice stream, in this order
+    bg_level = u(0.006, 0.015)
+    hum_level = u(0.002, 0.006)
+    knock_amp = u(0.02, 0.05)
 
     # normal variability: the same device sounds a little different from minute to minute
     vr = _rng(profile, "variability")
@@ -521,7 +657,7 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     colour_var = np.array([(vr.uniform(0.5, 1.0), vr.uniform(1 / 200, 1 / 30), vr.uniform()) for _ in range(2)])
     colour_var[:, 0] /= 2 * colour_var[:, 0].sum()  # 0.5 + sum in [0, 1]
     tilt = 10 ** (vr.uniform(3.0, 5.0) * np.clip(np.log2(np.maximum(freqs, 1.0) / 500.0) / 3.5, -0.5, 1.3) / 20)
-    noise_shape = _unit_rms_shape(noise_mag)
+    noise_shape = _unit_rms_shape(machine.noise_mag)
     colour_delta = (noise_shape * (tilt - 1.0)).astype(np.float32)
     bg_var = np.array([(vr.uniform(0.1, 0.2), vr.uniform(1 / 120, 1 / 15), vr.uniform()) for _ in range(2)])
     nb_hz = vr.uniform(30.0, 120.0)
@@ -530,29 +666,25 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     neighbour_table = _harmonic_table(nb_amps, {h: vr.uniform(0, 2 * np.pi) for h in nb_amps})
     neighbour_level = vr.uniform(0.1, 0.25) * math.hypot(rot_level, noise_level)
 
+    background = _Background(
+        shape=_unit_rms_shape(bg_mag), level=bg_level, hum_hz=hum_hz, hum_level=hum_level,
+        knock_kernels=knock_kernels, knock_amp=knock_amp, var=bg_var,
+        neighbour_table=neighbour_table, neighbour_hz=nb_hz, neighbour_level=neighbour_level)
+    summary = {**{k: round(float(v), 3) if isinstance(v, float) else v for k, v in machine.summary.items()},
+               "harmonics": len(amps), "gain": round(gain, 3), "mains_hz": hum_hz}
     return _Voice(
-        level_var=level_var, colour_var=colour_var, colour_delta=colour_delta, bg_var=bg_var,
-        neighbour_table=neighbour_table, neighbour_hz=nb_hz, neighbour_level=neighbour_level,
-        profile=_Ident(profile.machine_type, profile.index, profile.seed), sr=sr, f_r=f_r, wobble=wobble, rot_amps=amps, rot_phases=phases,
+        profile=_Ident(profile.machine_type, profile.index, profile.seed), sr=sr, f_r=f_r, wobble=wobble,
+        rot_amps=amps, rot_phases=phases,
         rot_table=_harmonic_table(amps, phases), rot_level=rot_level,
-        noise_shape=noise_shape, noise_level=noise_level,
-        bg_shape=_unit_rms_shape(bg_mag), bg_level=u(0.006, 0.015), hum_hz=hum_hz,
-        hum_level=u(0.002, 0.006), env_kind=env_kind, env_cycles_per_rev=env_cpr, env_table=env_table,
-        env_depth=env_depth, period_s=period_s, gate_table=gate_table, rot_gate_floor=rot_gate_floor,
-        noise_gate_floor=noise_gate_floor, events=events, knock_kernels=knock_kernels, knock_amp=u(0.02, 0.05),
-        bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_fc=rub_fc,
-        flutter=flutter, machine_rms=float(math.hypot(rot_level, noise_level)),
-        summary={**{k: round(float(v), 3) if isinstance(v, float) else v for k, v in summary.items()},
-                 "harmonics": len(amps), "gain": round(gain, 3), "mains_hz": hum_hz},
+        noise_shape=noise_shape, noise_level=noise_level, rhythm=machine.rhythm, background=background,
+        level_var=level_var, colour_var=colour_var, colour_delta=colour_delta,
+        bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_fc=rub_fc, flutter=flutter,
+        machine_rms=float(math.hypot(rot_level, noise_level)), summary=summary,
     )
 
 
-def _gate_table(duty: float, edge: float) -> np.ndarray:
-    """Raised-cosine gate over one period: 1 during [0, duty), edges of ``edge`` (fractions)."""
-    x = np.arange(_TABLE) / _TABLE
-    edge = max(edge, 1.0 / _TABLE)
-    up = np.clip(x / edge, 0, 1) * np.clip((duty - x) / edge, 0, 1)
-    return _periodic_table(0.5 - 0.5 * np.cos(np.pi * up))
+# ------------------------------------------------------------------------------------------
+# Fault voices: what a fault changes in a device's voice, per fault type (cached)
 
 
 def _db_attenuation(freqs_hz: np.ndarray, severity: float) -> np.ndarray:
@@ -561,7 +693,7 @@ def _db_attenuation(freqs_hz: np.ndarray, severity: float) -> np.ndarray:
     return 10 ** (-_CLOG_DB * severity * octaves / 20)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _FaultVoice:
     rot_delta: np.ndarray | None = None  # wavetable difference (imbalance, clogging)
     noise_delta: np.ndarray | None = None  # noise shape difference (clogging)
@@ -574,44 +706,60 @@ class _FaultVoice:
     click_drop: float = 0.0
 
 
+def _bearing_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """Impulses at a non-integer multiple of the shaft rate (placed by the renderer)."""
+    return _FaultVoice(bearing_amp=_BEARING_GAIN * s ** 1.5 * v.machine_rms)
+
+
+def _imbalance_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """A once-per-revolution tone (same overall wavetable scale) and amplitude modulation."""
+    amps = dict(v.rot_amps)
+    rms = math.sqrt(sum(a * a for a in amps.values()) / 2)
+    amps[1] = amps.get(1, 0.0) + _IMBALANCE_TONE * s * s * rms
+    table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
+    return _FaultVoice(rot_delta=table - v.rot_table, am_depth=_IMBALANCE_AM * s)
+
+
+def _rubbing_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """High-band friction noise (burst once per revolution by the renderer)."""
+    shape = _unit_rms_shape(_shape_noise(_freq_grid(sr), bumps=[(v.rub_fc, 0.6, 10.0)], highpass=1500.0,
+                                         lowpass=(0.45 * sr, 4)))
+    return _FaultVoice(rub_level=_RUBBING_GAIN * s * s * v.noise_level, rub_shape=shape)
+
+
+def _drift_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """The operating speed and rhythm drift up (the renderer warps time)."""
+    return _FaultVoice(drift=_DRIFT * s)
+
+
+def _clogging_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """High frequencies of tones and noise damped, an irregular flutter."""
+    amps = {h: a * float(_db_attenuation(np.array([h * v.f_r]), s)[0]) for h, a in v.rot_amps.items()}
+    rms = math.sqrt(sum(a * a for a in v.rot_amps.values()) / 2)
+    table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
+    noise_delta = (v.noise_shape * (_db_attenuation(_freq_grid(sr), s) - 1.0)).astype(np.float32)
+    return _FaultVoice(rot_delta=table - v.rot_table, noise_delta=noise_delta, flutter_depth=_CLOG_FLUTTER * s)
+
+
+def _click_loss_fault(v: _Voice, s: float, sr: int) -> _FaultVoice:
+    """Missing, weaker and late clicks (decided per click by the renderer)."""
+    return _FaultVoice(click_drop=_CLICK_DROP * s)
+
+
+#: fault type -> recipe (voice, severity, sample rate), in the order of FAULT_TYPES
+_FAULT_RECIPES: dict[str, Callable[[_Voice, float, int], _FaultVoice]] = {
+    "bearing": _bearing_fault, "imbalance": _imbalance_fault, "rubbing": _rubbing_fault,
+    "drift": _drift_fault, "clogging": _clogging_fault, "click_loss": _click_loss_fault,
+}
+
+
 def _fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
-    # the voice of a fault does not depend on when it starts
-    key = ("fault", fault.type, fault.severity, sr)
-    return _cached(profile, key, lambda: _build_fault_voice(profile, fault, sr))
-
-
-def _build_fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
-    v = _voice(profile, sr)
-    s = fault.severity
-    fv = _FaultVoice()
     if fault.type not in FAULTS_BY_TYPE[profile.machine_type]:
         raise SynthError(f"fault {fault.type!r} does not apply to a {profile.machine_type}; "
                          f"use one of {list(FAULTS_BY_TYPE[profile.machine_type])}")
-    if fault.type == "imbalance":
-        amps = dict(v.rot_amps)
-        rms = math.sqrt(sum(a * a for a in amps.values()) / 2)
-        amps[1] = amps.get(1, 0.0) + _IMBALANCE_TONE * s * s * rms
-        table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
-        fv.rot_delta = table - v.rot_table
-        fv.am_depth = _IMBALANCE_AM * s
-    elif fault.type == "clogging":
-        amps = {h: a * float(_db_attenuation(np.array([h * v.f_r]), s)[0]) for h, a in v.rot_amps.items()}
-        rms = math.sqrt(sum(a * a for a in v.rot_amps.values()) / 2)
-        table = _harmonic_table(amps, v.rot_phases) * math.sqrt(sum(a * a for a in amps.values()) / 2) / rms
-        fv.rot_delta = table - v.rot_table
-        fv.noise_delta = (v.noise_shape * (_db_attenuation(_freq_grid(sr), s) - 1.0)).astype(np.float32)
-        fv.flutter_depth = _CLOG_FLUTTER * s
-    elif fault.type == "drift":
-        fv.drift = _DRIFT * s
-    elif fault.type == "bearing":
-        fv.bearing_amp = _BEARING_GAIN * s ** 1.5 * v.machine_rms
-    elif fault.type == "rubbing":
-        fv.rub_level = _RUBBING_GAIN * s * s * v.noise_level
-        fv.rub_shape = _unit_rms_shape(_shape_noise(_freq_grid(sr), bumps=[(v.rub_fc, 0.6, 10.0)], highpass=1500.0,
-                                                    lowpass=(0.45 * sr, 4)))
-    elif fault.type == "click_loss":
-        fv.click_drop = _CLICK_DROP * s
-    return fv
+    # the voice of a fault does not depend on when it starts
+    key = ("fault", fault.type, fault.severity, sr)
+    return _cached(profile, key, lambda: _FAULT_RECIPES[fault.type](_voice(profile, sr), fault.severity, sr))
 
 
 # ------------------------------------------------------------------------------------------
@@ -726,6 +874,12 @@ class _Renderer:
             acc += amp * _lookup(_COS, nu * self.grid_t + ph)
         return self._interp(acc)
 
+    def rhythm_time(self) -> np.ndarray:
+        """Stream time on the machine's rhythm axis: t, sped up by a drift fault."""
+        if self.active and self.fv.drift:
+            return self.t + self.fv.drift * self._ramp_integral(self.t)
+        return self.t
+
     def _neighbour_gate(self) -> np.ndarray:
         """0/1 per 40 s slot (a neighbouring machine on or off), 3 s cross-fades, control rate."""
         v = self.v
@@ -817,19 +971,19 @@ class _Renderer:
         t1 = (self.start + self.n) / self.sr + max_shift_s
         return np.arange(math.floor(t0 * rate_hz) - 1, math.ceil(t1 * rate_hz) + 2, dtype=np.int64)
 
-    def _periodic_events(self, out: np.ndarray) -> None:
+    def _periodic_events(self, out: np.ndarray, cycle: _Cycle) -> None:
         v, fv = self.v, self.fv
         drift = fv.drift if (self.active and fv.drift) else 0.0
         salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "events")
-        for e, (name, offset, amp, kernels, jitter_s) in enumerate(v.events):
+        for e, (name, offset, amp, kernels, jitter_s) in enumerate(cycle.events):
             klen = max(k.size for k in kernels)
             # event indices live on the (possibly drift-warped) rhythm axis w(t) >= t
-            t_span = np.array([(self.start - klen) / self.sr - 0.2 * v.period_s - jitter_s,
+            t_span = np.array([(self.start - klen) / self.sr - 0.2 * cycle.period_s - jitter_s,
                                (self.start + self.n) / self.sr])
             w_span = t_span + drift * self._ramp_integral(t_span) if drift else t_span
-            i = np.arange(math.floor(w_span[0] / v.period_s) - 2, math.ceil(w_span[1] / v.period_s) + 2,
+            i = np.arange(math.floor(w_span[0] / cycle.period_s) - 2, math.ceil(w_span[1] / cycle.period_s) + 2,
                           dtype=np.int64)
-            w = (i + offset) * v.period_s
+            w = (i + offset) * cycle.period_s
             tau = self._unwarp(w, drift) if drift else w
             tau = tau + jitter_s * _u01(salt + 11 * e, i)
             a = amp * (0.85 + 0.3 * _u01(salt + 11 * e + 1, i))
@@ -837,7 +991,7 @@ class _Renderer:
                 r = self._ramp(tau)
                 drop = _u01(salt + 11 * e + 2, i) < fv.click_drop * r
                 a = np.where(drop, 0.0, a * (1 - 0.4 * self.fault.severity * r * _u01(salt + 11 * e + 3, i)))
-                tau = tau + 0.08 * v.period_s * self.fault.severity * r * _u01(salt + 11 * e + 4, i)
+                tau = tau + 0.08 * cycle.period_s * self.fault.severity * r * _u01(salt + 11 * e + 4, i)
             variant = np.floor(_u01(salt + 11 * e + 5, i) * len(kernels)).astype(np.int64)
             pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
             for k, kernel in enumerate(kernels):
@@ -845,17 +999,17 @@ class _Renderer:
                 self._place(out, pos[sel], a[sel], kernel)
 
     def _knocks(self, out: np.ndarray) -> None:
-        v = self.v
+        v, bg = self.v, self.v.background
         slot = 0.25
         salt = _key(v.profile.machine_type, v.profile.index, v.profile.seed, "knocks")
-        klen = max(k.size for k in v.knock_kernels)
+        klen = max(k.size for k in bg.knock_kernels)
         i = self._event_range(1.0 / slot, klen, slot)
         happens = _u01(salt, i) < 0.12
         tau = (i + _u01(salt + 1, i)) * slot
-        a = np.where(happens, v.knock_amp * (0.3 + 0.7 * _u01(salt + 2, i)), 0.0)
-        variant = np.floor(_u01(salt + 3, i) * len(v.knock_kernels)).astype(np.int64)
+        a = np.where(happens, bg.knock_amp * (0.3 + 0.7 * _u01(salt + 2, i)), 0.0)
+        variant = np.floor(_u01(salt + 3, i) * len(bg.knock_kernels)).astype(np.int64)
         pos = np.floor(tau * self.sr + 0.5).astype(np.int64)
-        for k, kernel in enumerate(v.knock_kernels):
+        for k, kernel in enumerate(bg.knock_kernels):
             sel = variant == k
             self._place(out, pos[sel], a[sel], kernel)
 
@@ -889,19 +1043,8 @@ class _Renderer:
             noise += self.ramp * noises[1]
         noise *= v.noise_level
 
-        # machine rhythm: blade-pass AM, pump pulsation, stroke/open gates
-        if v.env_kind == "am":
-            env = 1.0 + v.env_depth * _lookup(_COS, v.env_cycles_per_rev * cycles)
-            noise *= env
-        elif v.env_kind == "table":
-            noise *= _lookup(v.env_table, v.env_cycles_per_rev * cycles)
-        else:
-            w = self.t
-            if active and fv.drift:
-                w = self.t + fv.drift * self._ramp_integral(self.t)
-            gate = _lookup(v.gate_table, w / v.period_s)
-            rot *= v.rot_gate_floor + (1.0 - v.rot_gate_floor) * gate
-            noise *= v.noise_gate_floor + (1.0 - v.noise_gate_floor) * gate
+        # machine rhythm: blade-pass AM, pump pulsation, stroke/open gates (in place)
+        v.rhythm.apply(self, cycles, rot, noise)
         machine = rot + noise
         machine *= self._slow(v.level_var, 1.0)  # load changes: a slow +-1 dB
 
@@ -913,8 +1056,8 @@ class _Renderer:
                 acc += amp * _lookup(_COS, nu * self.grid_t + ph)
             machine *= 1.0 + (fv.flutter_depth * self.ramp) * self._interp(acc)
 
-        if v.events:
-            self._periodic_events(machine)
+        if v.rhythm.events:
+            self._periodic_events(machine, v.rhythm)
         if active and fv.bearing_amp:
             self._bearing(machine)
         if active and fv.rub_level:
@@ -922,10 +1065,11 @@ class _Renderer:
             burst = _lookup(_RUB_ENV, cycles)
             machine += (fv.rub_level * self.ramp) * burst * rub
 
-        background = self._noise("background", [v.bg_shape])[0] * v.bg_level
-        background += v.hum_level * _lookup(_HUM_TABLE, v.hum_hz * self.t)
-        background *= self._slow(v.bg_var, 1.0)
-        background += (v.neighbour_level * self._neighbour_gate()) * _lookup(v.neighbour_table, v.neighbour_hz * self.t)
+        bg = v.background
+        background = self._noise("background", [bg.shape])[0] * bg.level
+        background += bg.hum_level * _lookup(_HUM_TABLE, bg.hum_hz * self.t)
+        background *= self._slow(bg.var, 1.0)
+        background += (bg.neighbour_level * self._neighbour_gate()) * _lookup(bg.neighbour_table, bg.neighbour_hz * self.t)
         self._knocks(background)
         return _soft_limit(machine + background)
 
