@@ -229,14 +229,60 @@ def test_synth_cli(tmp_path):
                                                           ("test", "normal"), ("train", "normal")]
 
 
-def test_device_voices_are_released_with_their_profiles():
-    """A producer holds its fleet's profiles; their cached voices must not outlive them."""
-    import gc
+def test_recipe_tables_cover_every_machine_and_fault_type():
+    assert tuple(S._RECIPES) == S.MACHINE_TYPES
+    assert tuple(S._FAULT_RECIPES) == S.FAULT_TYPES
+    assert all(set(S.FAULTS_BY_TYPE[t]) <= set(S.FAULT_TYPES) for t in S.MACHINE_TYPES)
 
-    fleet = S.make_fleet(S._RECENT_MAX + 40, ["gearbox"], seed=123)
+
+def test_voice_cache_serves_a_fleet_without_rebuilding_and_stays_bounded():
+    """Voices are built once per (profile, rate) and kept in a bounded LRU cache: a producer's
+    fleet renders chunk after chunk without rebuilding; throw-away profiles stay within the bound."""
+    S._voice.cache_clear()
+    fleet = S.make_fleet(40, ["gearbox", "valve"], seed=123)
     for device in fleet:
         S.render_samples(device, 0, 64)
-    assert all(device in S._VOICES for device in fleet)
-    del fleet, device
-    gc.collect()
-    assert sum(1 for p in list(S._VOICES) if p.seed == 123) <= S._RECENT_MAX
+    built = S._voice.cache_info().misses
+    for device in fleet:
+        S.render_samples(device, 64, 64)
+    assert S._voice.cache_info().misses == built
+    # equal profiles are one key (DeviceProfile is a frozen, hashable value)
+    again = S.DeviceProfile("valve", 3, 123)
+    assert again == fleet[7] and hash(again) == hash(fleet[7])
+    S.render_samples(again, 0, 64)
+    assert S._voice.cache_info().misses == built
+    # a fault's voice is shared by every start time of the same fault
+    S.render_samples(fleet[1], 0, 64, SR, S.Fault("click_loss", 0.5, start_s=0.0))
+    fault_built = S._fault_voice_of.cache_info().misses
+    S.render_samples(fleet[1], 0, 64, SR, S.Fault("click_loss", 0.5, start_s=3.0, ramp_s=0.0))
+    assert S._fault_voice_of.cache_info().misses == fault_built
+    for device in S.make_fleet(S._VOICE_CACHE_SIZE + 40, ["gearbox"], seed=124):
+        S.render_samples(device, 0, 64)
+    assert S._voice.cache_info().currsize <= S._VOICE_CACHE_SIZE
+
+
+def test_cached_voices_are_read_only():
+    v = S._voice(S.DeviceProfile("valve", 0, 5), SR)
+    with pytest.raises(ValueError):
+        v.noise_shape[0] = 1.0
+    with pytest.raises(ValueError):
+        v.rhythm.events[0].kernels[0][0] = 1.0
+    with pytest.raises(ValueError):
+        v.background.knock_kernels[0][0] = 1.0
+    with pytest.raises(TypeError):
+        v.rot_amps[1] = 2.0
+    fv = S._fault_voice(S.DeviceProfile("valve", 0, 5), S.Fault("clogging", 0.7), SR)
+    with pytest.raises(ValueError):
+        fv.noise_delta[0] = 1.0
+
+
+def test_concurrent_first_renders_of_a_device_agree():
+    """Threads building one device's voice at the same time get the same samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = S.DeviceProfile("slider", 7, 77)
+    S._voice.cache_clear()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda k: S.render(device, 10.0, 0.5), range(4)))
+    assert all(np.array_equal(outs[0], x) for x in outs[1:])
+    assert np.array_equal(outs[0], S.render(device, 10.0, 0.5))

@@ -13,7 +13,7 @@ What it makes
   colour, background level, a neighbouring machine switching on and off (minutes).
 - What is particular to a machine type is one small recipe in ``_RECIPES`` (machine type ->
   function drawing its harmonics, noise colour, rhythm and events); what a fault changes is one
-  recipe in ``_FAULT_RECIPES``. Built voices are cached.
+  recipe in ``_FAULT_RECIPES``. Built voices are cached (``functools.lru_cache``) and read-only.
 - Faults (``FAULT_TYPES``), each at a severity in [0, 1]: ``bearing`` (impulses at a
   non-integer multiple of the shaft rate exciting a high resonance, load-zone modulated),
   ``imbalance`` (once-per-revolution tone and amplitude modulation), ``rubbing`` (high-band
@@ -46,13 +46,12 @@ Data sets in the DCASE2020 layout: :mod:`stream_asd.audio.synth_dataset` (``writ
 
 from __future__ import annotations
 
-import collections
+import functools
 import hashlib
 import math
 import numbers
-import threading
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from types import MappingProxyType
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -105,7 +104,8 @@ class SynthError(AsdError, ValueError):
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """One synthetic machine. Everything it sounds like derives from these three fields."""
+    """One synthetic machine. Everything it sounds like derives from these three fields.
+    Hashable and immutable (it keys the voice cache)."""
 
     machine_type: str
     index: int
@@ -294,6 +294,20 @@ def _gate_table(duty: float, edge: float) -> np.ndarray:
     edge = max(edge, 1.0 / _TABLE)
     up = np.clip(x / edge, 0, 1) * np.clip((duty - x) / edge, 0, 1)
     return _periodic_table(0.5 - 0.5 * np.cos(np.pi * up))
+
+
+def _read_only(value):
+    """Make every array inside a cached value read-only: one voice is shared by all callers and
+    threads, so nothing may write into it after it is built."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _read_only(item)
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            _read_only(getattr(value, f.name))
+    return value
 
 
 # ------------------------------------------------------------------------------------------
@@ -542,19 +556,11 @@ class _Background:
     neighbour_level: float
 
 
-class _Ident(NamedTuple):
-    """A profile's fields without the profile (a voice must not keep its weak-dict key alive)."""
-
-    machine_type: str
-    index: int
-    seed: int
-
-
 @dataclass(frozen=True)
 class _Voice:
     """Everything a device sounds like at one sample rate. Built once, then only read."""
 
-    profile: _Ident
+    profile: DeviceProfile
     sr: int
     f_r: float  # shaft (or motor) rotation frequency, Hz
     wobble: np.ndarray  # (k, 3): speed-multiplier terms (amplitude, freq Hz, phase cycles)
@@ -583,33 +589,17 @@ def _freq_grid(sr: int) -> np.ndarray:
     return np.fft.rfftfreq(_SEG, 1.0 / sr)
 
 
-# A voice is ~0.3 MB and takes milliseconds to build: keep it as long as the caller keeps its
-# DeviceProfile (a producer serving a fleet), plus the most recent ones for throw-away profiles.
-_VOICES: "weakref.WeakKeyDictionary[DeviceProfile, dict]" = weakref.WeakKeyDictionary()
-_RECENT: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
-_RECENT_MAX = 64
+# A voice is ~0.2-0.3 MB and takes a few milliseconds to build (a 1 s chunk renders in about
+# twice that): the most recently used ones are kept, enough for a producer's whole fleet.
+# lru_cache is thread-safe (two threads missing at once may both build; either result is the
+# same), and the cached voices are read-only.
+_VOICE_CACHE_SIZE = 256
+_FAULT_VOICE_CACHE_SIZE = 256
 
 
-_CACHE_LOCK = threading.Lock()
-
-
-def _cached(profile: DeviceProfile, key: tuple, build):
-    with _CACHE_LOCK:
-        value = _VOICES.get(profile, {}).get(key)
-    if value is None:
-        value = build()  # outside the lock: building takes milliseconds; a race builds twice
-    with _CACHE_LOCK:
-        value = _VOICES.setdefault(profile, {}).setdefault(key, value)
-        recent_key = (profile, key)
-        _RECENT[recent_key] = value
-        _RECENT.move_to_end(recent_key)
-        while len(_RECENT) > _RECENT_MAX:
-            _RECENT.popitem(last=False)
-    return value
-
-
+@functools.lru_cache(maxsize=_VOICE_CACHE_SIZE)
 def _voice(profile: DeviceProfile, sr: int) -> _Voice:
-    return _cached(profile, ("voice", sr), lambda: _build_voice(profile, sr))
+    return _read_only(_build_voice(profile, sr))
 
 
 def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
@@ -673,13 +663,13 @@ def _build_voice(profile: DeviceProfile, sr: int) -> _Voice:
     summary = {**{k: round(float(v), 3) if isinstance(v, float) else v for k, v in machine.summary.items()},
                "harmonics": len(amps), "gain": round(gain, 3), "mains_hz": hum_hz}
     return _Voice(
-        profile=_Ident(profile.machine_type, profile.index, profile.seed), sr=sr, f_r=f_r, wobble=wobble,
-        rot_amps=amps, rot_phases=phases,
+        profile=profile, sr=sr, f_r=f_r, wobble=wobble,
+        rot_amps=MappingProxyType(amps), rot_phases=MappingProxyType(phases),
         rot_table=_harmonic_table(amps, phases), rot_level=rot_level,
         noise_shape=noise_shape, noise_level=noise_level, rhythm=machine.rhythm, background=background,
         level_var=level_var, colour_var=colour_var, colour_delta=colour_delta,
         bearing_ratio=bearing_ratio, bearing_kernel=bearing_kernel, rub_fc=rub_fc, flutter=flutter,
-        machine_rms=float(math.hypot(rot_level, noise_level)), summary=summary,
+        machine_rms=float(math.hypot(rot_level, noise_level)), summary=MappingProxyType(summary),
     )
 
 
@@ -758,8 +748,12 @@ def _fault_voice(profile: DeviceProfile, fault: Fault, sr: int) -> _FaultVoice:
         raise SynthError(f"fault {fault.type!r} does not apply to a {profile.machine_type}; "
                          f"use one of {list(FAULTS_BY_TYPE[profile.machine_type])}")
     # the voice of a fault does not depend on when it starts
-    key = ("fault", fault.type, fault.severity, sr)
-    return _cached(profile, key, lambda: _FAULT_RECIPES[fault.type](_voice(profile, sr), fault.severity, sr))
+    return _fault_voice_of(profile, fault.type, fault.severity, sr)
+
+
+@functools.lru_cache(maxsize=_FAULT_VOICE_CACHE_SIZE)
+def _fault_voice_of(profile: DeviceProfile, fault_type: str, severity: float, sr: int) -> _FaultVoice:
+    return _read_only(_FAULT_RECIPES[fault_type](_voice(profile, sr), severity, sr))
 
 
 # ------------------------------------------------------------------------------------------
