@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import time
 
 import numpy as np
@@ -30,7 +31,8 @@ def band_db(x: np.ndarray, n_bands: int = 48) -> np.ndarray:
 
 def test_fleet_ids_and_validation():
     fleet = S.make_fleet(7, ["fan", "pump", "valve"], seed=3)
-    assert [d.device_id for d in fleet] == ["fan-00", "pump-00", "valve-00", "fan-01", "pump-01", "valve-01", "fan-02"]
+    assert [d.device_id for d in fleet] == ["fan-id_00", "pump-id_00", "valve-id_00", "fan-id_01", "pump-id_01",
+                                            "valve-id_01", "fan-id_02"]
     assert fleet[3].machine_id == "id_01" and all(d.seed == 3 for d in fleet)
     assert [d.machine_type for d in S.make_fleet(5)] == list(S.MACHINE_TYPES)
     assert len(S.FAULT_TYPES) >= 5 and set(S.FAULTS_BY_TYPE) == set(S.MACHINE_TYPES)
@@ -45,6 +47,27 @@ def test_fleet_ids_and_validation():
     with pytest.raises(S.SynthError, match="start_s"):
         S.render(fleet[0], -1.0, 0.1)
     assert S.Fault("bearing").severity == pytest.approx(0.6)  # usable without a severity
+
+
+def test_one_device_id_per_synthetic_device(tmp_path):
+    """The generator, the producer's sources and the data set readers (on a DCASE-layout copy
+    of the device) spell a device's id the same way; --fault takes that id or a fleet index."""
+    from stream_asd.producer.sources import FaultSpec, SourceError, synthetic_fleet
+
+    fleet = synthetic_fleet(6, SR, ["fan", "valve"], seed=4, faults=[FaultSpec("valve-id_01", "click_loss", 2.0),
+                                                                      FaultSpec("4", "bearing", 1.0)])
+    ids = ["fan-id_00", "valve-id_00", "fan-id_01", "valve-id_01", "fan-id_02", "valve-id_02"]
+    assert [s.device_id for s in fleet] == [s.profile.device_id for s in fleet] == ids
+    assert [s.fault.type if s.fault else None for s in fleet] == [None, None, None, "click_loss", "bearing", None]
+    with pytest.raises(SourceError, match=r"no such device.*'fan-id_00'"):
+        synthetic_fleet(6, SR, ["fan", "valve"], faults=[FaultSpec("fan-01", "bearing", 2.0)])
+    out = write_dataset(tmp_path / "d", ["valve"], devices_per_type=2, n_train=1, n_test_normal=0, n_test_anomaly=0,
+                        seconds=0.25, seed=4)
+    assert {c.device_id for c in iter_clips(out)} == {"valve-id_00", "valve-id_01"}
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert {r["device_id"] for r in rows} == {"valve-id_00", "valve-id_01"}
+    assert {d["device_id"] for d in json.loads((out / "synth.json").read_text())["devices"]} == \
+        {"valve-id_00", "valve-id_01"}
 
 
 def test_deterministic_by_seed():

@@ -8,7 +8,9 @@ What it makes
   open, a pump hum) and ``gearbox`` (meshing harmonics with shaft-rate sidebands).
 - Every device is a :class:`DeviceProfile` ``(machine_type, index, seed)``; its fundamental,
   harmonic weights and phases, noise colour, rhythm, click resonances, loudness and its factory
-  background (mains hum 50/60 Hz, room noise, distant knocks) all derive from that triple.
+  background (mains hum 50/60 Hz, room noise, distant knocks) all derive from that triple. Its
+  one id, ``device_id`` (``fan-id_00``), is also what the data set readers call a DCASE-layout
+  copy of it (:mod:`stream_asd.audio.synth_dataset`), so a model trained on that copy knows it.
   Normal operation varies slowly, as real machines do: speed +-1 %, load/level +-1 dB, noise
   colour, background level, a neighbouring machine switching on and off (minutes).
 - What is particular to a machine type is one small recipe in ``_RECIPES`` (machine type ->
@@ -37,7 +39,7 @@ before ``start_s`` exactly as without it.
 
 Example::
 
-    fleet = make_fleet(8, ["fan", "pump"], seed=0)          # fan-00, pump-00, fan-01, ...
+    fleet = make_fleet(8, ["fan", "pump"], seed=0)          # fan-id_00, pump-id_00, fan-id_01, ...
     x = render(fleet[0], 0.0, 10.0)                          # float32, 160000 samples
     y = render(fleet[0], 0.0, 10.0, fault=Fault("bearing", 0.6))
 
@@ -123,7 +125,9 @@ class DeviceProfile:
 
     @property
     def device_id(self) -> str:
-        return f"{self.machine_type}-{self.index:02d}"
+        """The device's one id (``fan-id_00``): the producer's, the demo's, and the one the data
+        set readers give a DCASE-layout copy of it (``fan/train/normal_id_00_*.wav``)."""
+        return f"{self.machine_type}-{self.machine_id}"
 
     @property
     def machine_id(self) -> str:
@@ -168,7 +172,7 @@ class Fault:
 
 
 def make_fleet(n_devices: int, machine_types: Sequence[str] | None = None, seed: int = 0) -> list[DeviceProfile]:
-    """``n_devices`` profiles, machine types round-robin (fan-00, pump-00, ..., fan-01, ...)."""
+    """``n_devices`` profiles, machine types round-robin (fan-id_00, pump-id_00, ..., fan-id_01, ...)."""
     types = tuple(machine_types) if machine_types else MACHINE_TYPES
     if n_devices < 0:
         raise SynthError(f"n_devices must be >= 0, got {n_devices}")

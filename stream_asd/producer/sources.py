@@ -7,7 +7,8 @@ chunk is due (pacing) and stamps it; the source only supplies samples.
 - :class:`FileSource`: WAV/FLAC clips of one device played back to back (continuous across clip
   boundaries and, with ``loop``, across the end of the last clip).
 - :class:`SyntheticSource`: a device of the synthetic fleet (:mod:`stream_asd.audio.synth`),
-  rendered as a pure function of stream time, with an optional fault from a given second on.
+  rendered as a pure function of stream time, with an optional fault from a given second on;
+  its id is the generator's ``DeviceProfile.device_id`` (``fan-id_00``).
 - :class:`CaptureSource`: a live sound device through the optional ``sounddevice`` extra.
 
 :func:`sources_from_paths` turns files, folders and manifest CSVs into file sources with device
@@ -31,6 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..audio.synth import FAULT_TYPES, MACHINE_TYPES, DeviceProfile, Fault, make_fleet, render_samples
 from ..errors import AsdError
 
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -293,7 +295,7 @@ class FaultSpec:
     severity: float | None = None
 
 
-FAULT_SYNTAX = "DEVICE:TYPE:AT_SECONDS[:SEVERITY], e.g. --fault 3:bearing:30:0.8 or --fault fan-03:imbalance:60"
+FAULT_SYNTAX = "DEVICE:TYPE:AT_SECONDS[:SEVERITY], e.g. --fault 3:bearing:30:0.8 or --fault fan-id_03:imbalance:60"
 
 
 def parse_fault(text: str) -> FaultSpec:
@@ -318,59 +320,36 @@ def parse_fault(text: str) -> FaultSpec:
     return FaultSpec(device, fault_type, at_s, severity)
 
 
-def _synth():
-    from ..audio import synth
-
-    return synth
-
-
 def known_fault_types() -> list[str]:
-    synth = _synth()
-    for name in ("FAULT_TYPES", "FAULTS"):
-        types = getattr(synth, name, None)
-        if types:
-            return sorted(types)
-    return []
+    """The generator's fault types, sorted."""
+    return sorted(FAULT_TYPES)
 
 
 def known_machine_types() -> list[str]:
-    synth = _synth()
-    for name in ("MACHINE_TYPES",):
-        types = getattr(synth, name, None)
-        if types:
-            return list(types)
-    return []
+    """The generator's machine types, in its order (``make_fleet`` deals them round-robin)."""
+    return list(MACHINE_TYPES)
 
 
 class SyntheticSource(DeviceSource):
-    """A synthetic microphone: chunk ``k`` is ``render(device, k * chunk_s, chunk_s, ...)``.
+    """A synthetic microphone: chunk ``k`` is ``render_samples(device, k * n, n, ...)``.
 
     Rendering is a pure function of stream time, so a chunk can be recomputed for checks and the
     fault begins exactly at ``fault.start_s`` seconds of stream time.
     """
 
-    def __init__(self, profile, sample_rate: int, fault=None):
+    def __init__(self, profile: DeviceProfile, sample_rate: int, fault: Fault | None = None):
         self.profile = profile
-        # "fan-id_00": the id a DCASE-layout copy of this device (synth_dataset.write_dataset) gets from
-        # its file names, so per-device thresholds of a model trained on that copy apply.
-        machine_id = getattr(profile, "machine_id", None)
-        self.device_id = f"{profile.machine_type}-{machine_id}" if machine_id else str(profile.device_id)
-        self.machine_type = str(profile.machine_type)
+        # The generator's one id (fan-id_00): also what a DCASE-layout copy of this device
+        # (synth_dataset.write_dataset) is called by the data set readers, so per-device
+        # thresholds of a model trained on that copy apply.
+        self.device_id = profile.device_id
+        self.machine_type = profile.machine_type
         self.sample_rate = sample_rate
         self.fault = fault
         self._pos = 0  # samples rendered so far
 
     def render(self, start_sample: int, n_samples: int) -> np.ndarray:
-        synth = _synth()
-        if hasattr(synth, "render_samples"):  # exact integer positions
-            out = synth.render_samples(self.profile, start_sample, n_samples, self.sample_rate, self.fault)
-        else:
-            out = synth.render(self.profile, start_sample / self.sample_rate, n_samples / self.sample_rate,
-                               self.sample_rate, self.fault)
-        out = np.asarray(out, dtype=np.float32).reshape(-1)
-        if out.size != n_samples:  # rounding of seconds * rate: make the length exact
-            out = out[:n_samples] if out.size > n_samples else np.pad(out, (0, n_samples - out.size))
-        return out
+        return render_samples(self.profile, start_sample, n_samples, self.sample_rate, self.fault)
 
     def next_chunk(self, n_samples: int) -> SourceChunk | None:
         out = self.render(self._pos, n_samples)
@@ -385,35 +364,28 @@ class SyntheticSource(DeviceSource):
 
 def synthetic_fleet(n: int, sample_rate: int, machine_types: Sequence[str] | None = None, seed: int = 0,
                     faults: Sequence[FaultSpec] = ()) -> list[SyntheticSource]:
-    """``n`` synthetic devices (machine types round-robin) with the given faults injected."""
+    """``n`` synthetic devices (machine types round-robin) with the given faults injected; a
+    fault's DEVICE is a fleet index or a device id (``fan-id_03``)."""
     if n < 1:
         raise SourceError("--synthetic N needs N >= 1")
-    synth = _synth()
-    available = known_machine_types()
     if machine_types:
-        if available:
-            unknown = [t for t in machine_types if t not in available]
-            if unknown:
-                raise SourceError(f"unknown machine type(s) {unknown}; the generator knows {available}")
-    fleet = list(synth.make_fleet(n, list(machine_types) if machine_types else None, seed))
-    by_id = {str(p.device_id): i for i, p in enumerate(fleet)}
-    for i, p in enumerate(fleet):  # both spellings: fan-00 (generator) and fan-id_00 (stream/DCASE)
-        if getattr(p, "machine_id", None):
-            by_id[f"{p.machine_type}-{p.machine_id}"] = i
+        unknown = [t for t in machine_types if t not in MACHINE_TYPES]
+        if unknown:
+            raise SourceError(f"unknown machine type(s) {unknown}; the generator knows {list(MACHINE_TYPES)}")
+    fleet = make_fleet(n, list(machine_types) if machine_types else None, seed)
+    by_id = {p.device_id: i for i, p in enumerate(fleet)}
     fault_of: dict[int, FaultSpec] = {}
-    types = known_fault_types()
     for spec in faults:
         if spec.device in by_id:
             index = by_id[spec.device]
         elif spec.device.isdigit() and int(spec.device) < len(fleet):
             index = int(spec.device)
         else:
-            ids = [f"{p.machine_type}-{p.machine_id}" if getattr(p, "machine_id", None) else str(p.device_id)
-                   for p in fleet]
+            ids = [p.device_id for p in fleet]
             raise SourceError(f"--fault {spec.device}:...: no such device; use a fleet index 0..{len(fleet) - 1} "
                               f"or one of {ids[:8]}{' ...' if len(ids) > 8 else ''}")
-        allowed = list(getattr(fleet[index], "faults", None) or types)
-        if allowed and spec.fault_type not in allowed:
+        allowed = list(fleet[index].faults)
+        if spec.fault_type not in allowed:
             raise SourceError(f"--fault {spec.device}:{spec.fault_type}:...: no such fault for a "
                               f"{fleet[index].machine_type}; use one of {allowed}")
         if spec.severity is not None and not 0 < spec.severity <= 1:
@@ -429,7 +401,7 @@ def synthetic_fleet(n: int, sample_rate: int, machine_types: Sequence[str] | Non
             kwargs = {"type": spec.fault_type, "start_s": spec.at_s}
             if spec.severity is not None:
                 kwargs["severity"] = spec.severity
-            fault = synth.Fault(**kwargs)
+            fault = Fault(**kwargs)
         sources.append(SyntheticSource(profile, sample_rate, fault))
     return sources
 
