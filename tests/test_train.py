@@ -105,11 +105,14 @@ def test_ae_baseline_bundle(tiny_data, tmp_path):
     from trainer.fit import fit
 
     torch.set_num_threads(1)
-    fit(tiny_data, tmp_path / "ae", profile=get_profile("tiny"), model="ae", seed=1, progress=False)
+    # 30 epochs instead of the tiny profile's 3 (2 s here): 3 leave the AE at mean AUC 0.63-0.66
+    # on this set, 30 reach 0.78-0.92 over seeds 1-5 (0.92 for seed 1)
+    fit(tiny_data, tmp_path / "ae", profile=get_profile("tiny", ["ae.epochs=30"]), model="ae", seed=1,
+        progress=False)
     det = load_detector(tmp_path / "ae", device="cpu")
     assert det.kind == "ae"
     m = compute_metrics(score_dataset(tmp_path / "ae", tiny_data, progress=False))
-    assert 0.0 <= m["mean_auc"] <= 1.0
+    assert m["mean_auc"] >= 0.7, m["mean_auc"]  # chance is 0.5: the AE baseline must rank anomalies higher
 
 
 def test_existing_output_is_refused(tiny_bundle, tiny_data):
@@ -129,6 +132,14 @@ def test_profile_overrides():
         get_profile("cpu", ["simsiam.nope=1"])
     with pytest.raises(ConfigError):
         get_profile("cpu", ["simsiam.epochs=many"])
+
+
+@pytest.mark.parametrize("setting", ["scoring.gmm_components", "timecnn.embedding_dim", "encoder.name",
+                                     "run.num_workers", "run.log_every"])
+def test_removed_profile_fields_are_refused(setting):
+    # fields nothing read (issue 12 item 3): setting one is an error, not a silent no-op
+    with pytest.raises(ConfigError, match="unknown profile setting"):
+        get_profile("paper", [f"{setting}=1"])
 
 
 def test_scoring_windows_overlap_and_keep_clips_on_their_side(tiny_data):
