@@ -187,7 +187,9 @@ class EnsembleGroup:
     device_scorers: dict[str, tuple[Scorer, Scorer]] = field(default_factory=dict)
 
     def stats_features(self, band_means: Any) -> np.ndarray:
-        """The statistics GMM's input: lambda * band means (eq. 8), in log10 when ``stats_log``."""
+        """The statistics GMM's input: lambda * band means (eq. 8), in log10 when ``stats_log``.
+        Lambda is kept for eq. 8 but changes no score: the scorers' per-dimension z-scoring
+        removes it (in the log domain all it leaves is the 1e-12/lambda floor; docs/model.md)."""
         x = _as_2d(band_means) * self.stats_lambda
         return np.log10(x + STATS_LOG_EPS) if self.stats_log else x
 
