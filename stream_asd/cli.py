@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("stream_asd.producer.cli", "stream audio chunks (files, folders, synthetic fleet, capture) to Kafka"),
     "process": ("stream_asd.processor.cli", "run the stream processor (Faust worker): windows -> scores, alerts, DLQ"),
     "score": ("stream_asd.model.score_cli", "score audio files offline with a model bundle (CSV/JSON out)"),
+    "explain": ("stream_asd.model.explain", "explain a clip's score: top mel bands, deviant seconds, a PNG"),
     "archive": ("stream_asd.archive.cli", "archive normal audio from asd.audio as FLAC for retraining"),
     "broker": ("stream_asd.broker", "provision/start/stop/status of the local Apache Kafka broker (KRaft)"),
     "config": ("stream_asd.cli", "print the resolved configuration (flags > ASD_* env > file > defaults)"),

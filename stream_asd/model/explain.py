@@ -294,3 +294,181 @@ def explain_many(detector: Any, waves: Any, machine_types: Sequence[str], device
         for i, e in zip(idx, explain_windows(detector, w[idx], mt, dev, **kwargs)):
             out[i] = e
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# stream-asd explain
+# --------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("Explains the clip's highest-scoring window: its top mel bands with z-scores against the\n"
+                     "device's normal band statistics and its most deviant seconds; the PNG shows the window's\n"
+                     "log-mel spectrogram, the normal band profile against the window's band means and the\n"
+                     "deviation map. Exit status: 0 written; 2 usage error (nothing written).")
+    parser.add_argument("clip", metavar="CLIP", help="audio file (.wav/.flac)")
+    parser.add_argument("--bundle", required=True, metavar="DIR", help="model bundle folder (an ensemble bundle)")
+    parser.add_argument("--out", required=True, metavar="PNG", help="write the figure here")
+    parser.add_argument("--json", metavar="FILE", help="also write the explanation (JSON) here; always printed")
+    parser.add_argument("--machine-type", help="model group (default: inferred as stream-asd score does)")
+    parser.add_argument("--device-id", help="device id (default: <type>-<id_XX|section_XX> from the file name)")
+    parser.add_argument("--hop-seconds", type=float, default=None,
+                        help="hop between the clip's windows (default: one window, no overlap)")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP_N, metavar="N", help="bands to name (default 5)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="inference device")
+    parser.add_argument("--channel", type=int, default=0, help="channel of multichannel files (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .score_cli import OutputFile, describe_special
+
+    # usage errors first: before the model loads
+    clip = Path(args.clip)
+    special = describe_special(clip)
+    if special is not None:
+        raise AsdError(f"{clip}: {special}")
+    if not clip.is_file():
+        raise AsdError(f"{clip}: {'is a folder; give one audio file' if clip.is_dir() else 'no such file'}")
+    if args.top < 1:
+        raise AsdError(f"--top {args.top}: give a positive number of bands, e.g. --top 5")
+    if args.hop_seconds is not None and not (math.isfinite(args.hop_seconds) and args.hop_seconds > 0):
+        raise AsdError(f"--hop-seconds {args.hop_seconds:g}: give a positive number of seconds, e.g. --hop-seconds 5")
+    if not str(args.out).lower().endswith(".png"):
+        raise AsdError(f"--out {args.out}: the figure is a PNG; give a file name ending in .png")
+    outs = []
+    try:
+        outs.append(OutputFile(args.out))
+        if args.json:
+            if Path(args.json).resolve() == Path(args.out).resolve():
+                raise AsdError("--json and --out name the same file; give two files")
+            outs.append(OutputFile(args.json))
+        report, png = explain_clip_file(args, clip)
+        text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+        outs[0].write(png)
+        if args.json:
+            outs[1].write(text)
+    except BaseException:
+        for o in outs:
+            o.discard()
+        raise
+    sys.stdout.write(text)
+    e = report["explanation"]
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else "") + f": window {report['window']} "
+          f"({report['window_start_s']:g}-{report['window_end_s']:g} s), score {report['score']:.2f}; "
+          + "; ".join(f"band {b['band']} ({b['f_low_hz'] / 1000:.2f}-{b['f_high_hz'] / 1000:.2f} kHz) {b['z']:+.1f} sd"
+                      for b in e["top_bands"][:3]), file=sys.stderr)
+    return 0
+
+
+def explain_clip_file(args: argparse.Namespace, clip: Path) -> tuple[dict[str, Any], bytes]:
+    """(JSON report, PNG bytes) for ``clip``: its windows scored, the highest-scoring explained."""
+    from ..audio.io import read_audio
+    from .detector import load_detector
+    from .score_cli import infer_device_id, infer_machine_type
+    from .windows import hop_samples_for, iter_windows
+
+    detector = load_detector(args.bundle, device=args.device)
+    if detector.kind != "ensemble":
+        raise AsdError(f"--bundle {args.bundle}: a {detector.kind!r} bundle; explanations need an ensemble bundle "
+                       "(the AE baseline keeps no band statistics)")
+    spec = detector.feature_spec
+    groups = sorted(detector.model_groups)
+    if args.machine_type and args.machine_type not in detector.model_groups:
+        raise AsdError(f"--machine-type {args.machine_type!r} is not in the bundle (groups: {groups})")
+    mtype = args.machine_type or infer_machine_type(clip, groups)
+    if mtype is None:
+        raise AsdError(f"{clip}: cannot tell its machine type (bundle groups: {groups}); "
+                       "pass --machine-type or use the <machine_type>/... folder layout")
+    dev = args.device_id or infer_device_id(clip, mtype)
+    hop_s = args.hop_seconds if args.hop_seconds is not None else spec.window_seconds
+    try:
+        hop = hop_samples_for(hop_s, spec.sample_rate)
+    except ValueError:
+        raise AsdError(f"--hop-seconds {hop_s:g}: shorter than one sample at {spec.sample_rate} Hz") from None
+    samples = read_audio(clip, sample_rate=spec.sample_rate, channel=args.channel)
+    windows = list(iter_windows(samples, detector.window_samples, hop))
+    waves = np.stack([w.samples for w in windows])
+    scores = detector.score_windows(waves, [mtype] * len(windows), [dev] * len(windows))
+    best = int(np.argmax([s.score for s in scores]))
+    win, sc = windows[best], scores[best]
+    e = explain_windows(detector, win.samples, mtype, dev, top_n=args.top, maps=True)[0]
+    t0 = win.start / spec.sample_rate
+    report = {"file": str(clip), "bundle": str(args.bundle), "version": detector.version, "machine_type": mtype,
+              "device_id": dev, "window": win.index, "window_start_s": t0,
+              "window_end_s": win.end / spec.sample_rate, "padded": win.padded, "score": sc.score,
+              "threshold": sc.threshold if math.isfinite(sc.threshold) else None, "is_anomaly": sc.is_anomaly,
+              "explanation": e.to_dict(),
+              "segment_in_clip": {"start_s": round(t0 + e.segment_start_s, 3), "end_s": round(t0 + e.segment_end_s, 3)},
+              "windows": [{"window": w.index, "start_s": w.start / spec.sample_rate, "score": s.score,
+                           "is_anomaly": s.is_anomaly} for w, s in zip(windows, scores)]}
+    title = (f"{clip.name}: {mtype} / {dev}, window {win.index} ({t0:g}-{win.end / spec.sample_rate:g} s), "
+             f"score {sc.score:.2f}" + (f" (threshold {sc.threshold:.2f})" if math.isfinite(sc.threshold) else ""))
+    return report, render_png(e, spec, title)
+
+
+def render_png(e: Explanation, spec: "FeatureSpec", title: str) -> bytes:
+    """The figure: log-mel spectrogram (segment marked), normal band profile vs the window's band
+    means (top bands marked), deviation map (z per band and frame) and per-frame deviation."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; as trainer/evaluate.py
+    import matplotlib.pyplot as plt
+
+    if e.frame_z is None or e.log_mel_db is None or e.normal_db is None:
+        raise ValueError("render_png needs an Explanation computed with maps=True")
+    n_mels, n_frames = e.frame_z.shape
+    hop_s = spec.hop_length / spec.sample_rate
+    extent = (-0.5 * hop_s, (n_frames - 0.5) * hop_s, -0.5, n_mels - 0.5)
+    edges = mel_band_edges(spec)
+    ticks = np.unique(np.linspace(0, n_mels - 1, 6).round().astype(int))
+    tick_labels = [f"{i}: {edges[i, 1] / 1000:.1f} kHz" for i in ticks]
+    top = [b.band for b in e.top_bands]
+
+    fig = plt.figure(figsize=(12, 8))
+    grid = fig.add_gridspec(3, 2, width_ratios=(3, 1), height_ratios=(1, 1, 0.45), wspace=0.25, hspace=0.35)
+    ax_spec = fig.add_subplot(grid[0, 0])
+    im = ax_spec.imshow(e.log_mel_db, origin="lower", aspect="auto", extent=extent, cmap="magma")
+    ax_spec.set(title="log-mel power (dB)", ylabel="mel band")
+    fig.colorbar(im, ax=ax_spec, pad=0.01)
+    ax_map = fig.add_subplot(grid[1, 0], sharex=ax_spec)
+    lim = max(3.0, float(np.percentile(np.abs(e.frame_z), 99)))
+    im = ax_map.imshow(e.frame_z, origin="lower", aspect="auto", extent=extent, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax_map.set(title="deviation map: z against the normal band profile (per frame)", ylabel="mel band")
+    fig.colorbar(im, ax=ax_map, pad=0.01)
+    for ax in (ax_spec, ax_map):
+        ax.set_yticks(ticks, tick_labels, fontsize=7)
+        ax.axvspan(e.segment_start_s, e.segment_end_s, color="lime", alpha=0.15, lw=0)
+        for b in top[:3]:
+            ax.axhline(b, color="lime", lw=0.6, ls=":")
+    ax_dev = fig.add_subplot(grid[2, 0], sharex=ax_spec)
+    if e.frame_deviation is not None:
+        ax_dev.plot(np.arange(n_frames) * hop_s, e.frame_deviation, lw=0.8)
+    ax_dev.axvspan(e.segment_start_s, e.segment_end_s, color="lime", alpha=0.3, lw=0,
+                   label=f"most deviant {e.segment_start_s:.2f}-{e.segment_end_s:.2f} s")
+    ax_dev.set(xlabel="seconds in the window", ylabel="deviation (sd)", title="per-frame deviation in the top bands")
+    ax_dev.legend(loc="upper left", fontsize=7)
+    fig.colorbar(im, ax=ax_dev, pad=0.01).ax.set_visible(False)  # same width as the maps above
+
+    ax_prof = fig.add_subplot(grid[0:2, 1])
+    bands = np.arange(n_mels)
+    sd = e.normal_sd_db if e.normal_sd_db is not None else np.zeros(n_mels)
+    ax_prof.fill_betweenx(bands, e.normal_db - 3 * sd, e.normal_db + 3 * sd, color="grey", alpha=0.3,
+                          label="normal +-3 sd")
+    ax_prof.plot(e.normal_db, bands, color="black", lw=1, label="normal mean")
+    ax_prof.plot(e.window_db, bands, color="crimson", lw=1, label="this window")
+    for b in e.top_bands:
+        ax_prof.annotate(f"{b.band} {b.z:+.1f} sd", (e.window_db[b.band], b.band), fontsize=7, color="crimson",
+                         xytext=(4, 0), textcoords="offset points", va="center")
+    ax_prof.set(title="band means (dB)", xlabel="dB", ylim=(-0.5, n_mels - 0.5))
+    ax_prof.set_yticks(ticks, [f"{edges[i, 1] / 1000:.1f} kHz" for i in ticks], fontsize=7)
+    ax_prof.legend(loc="lower left", fontsize=7)
+    ax_txt = fig.add_subplot(grid[2, 1])
+    ax_txt.axis("off")
+    ax_txt.text(0, 1, "\n".join(b.describe() for b in e.top_bands[:5]), va="top", fontsize=7, family="monospace")
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

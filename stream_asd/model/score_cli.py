@@ -305,14 +305,17 @@ class OutputFile:
         os.close(fd)
         self._tmp = Path(name)
 
-    def write(self, text: str) -> None:
+    def write(self, text: str | bytes) -> None:
+        """Write ``text`` (str, or bytes for binary output such as a PNG) and rename into place."""
+        how = "wb" if isinstance(text, bytes) else "w"
         try:
             if self._direct:
-                with open(self.path, "w") as fh:
+                with open(self.path, how) as fh:
                     fh.write(text)
                 return
             assert self._tmp is not None
-            self._tmp.write_text(text)
+            with open(self._tmp, how) as fh:
+                fh.write(text)
             try:
                 mode = stat.S_IMODE(self.path.stat().st_mode)
             except FileNotFoundError:
