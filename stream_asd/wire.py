@@ -421,10 +421,17 @@ class AlertRecord:
     windows_seen: int  # n
     model_version: str
     at_ns: int
+    # optional (asd.alert/1 stays): on a raise by an ensemble model, the alerted window's compact
+    # explanation (stream_asd.model.explain.Explanation.to_dict: top bands with z-scores, most
+    # deviant seconds). Absent from the JSON when None, so records without one are unchanged.
+    explanation: dict[str, Any] | None = None
     schema: str = ALERT_SCHEMA
 
     def to_json(self) -> bytes:
-        return _dump_record(self.__dict__)
+        obj = dict(self.__dict__)
+        if obj.get("explanation") is None:
+            obj.pop("explanation", None)
+        return _dump_record(obj)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "AlertRecord":
@@ -435,6 +442,9 @@ class AlertRecord:
             raise WireFormatError(R_BAD_RECORD, f"alert record fields do not match {ALERT_SCHEMA}: {exc}") from None
         if rec.state not in ("raised", "cleared"):
             raise WireFormatError(R_BAD_RECORD, f"alert state {rec.state!r} is not 'raised' or 'cleared'")
+        if rec.explanation is not None and not isinstance(rec.explanation, dict):
+            raise WireFormatError(R_BAD_RECORD, f"alert explanation must be a JSON object, got "
+                                  f"{type(rec.explanation).__name__}")
         return rec
 
 

@@ -4,10 +4,12 @@ scored and acknowledged (or dead-lettered and acknowledged); model errors never 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -301,5 +303,89 @@ def test_device_series_of_revoked_partitions_are_removed():
         proc.on_revoked([TP])
         assert len(proc.device_series) == 0
         assert not any(s.samples for s in proc.metrics.last_score.collect())
+
+    asyncio.run(main())
+
+
+# -- explanations on raised alerts (issue 14 item 2) ----------------------------------------------
+
+def _rms_ensemble():
+    """A real tiny ensemble Detector (4 s windows, 64 bands) whose statistics are fitted on the
+    fan's normal sound, alerting by RMS like ps.RmsDetector (the plumbing stays predictable);
+    its band statistics explain the alerts."""
+    import torch
+
+    from stream_asd.audio.features import FeatureSpec
+    from stream_asd.model.detector import Detector
+    from stream_asd.model.ensemble import EnsembleConfig, EnsembleModel
+    from stream_asd.model.scoring import EnsembleGroup
+
+    class RmsEnsemble(Detector):
+        def score_windows(self, waves, machine_types, device_ids):
+            return ps.RmsDetector(self.window_samples, version=self.version).score_windows(
+                waves, machine_types, device_ids)
+
+    torch.manual_seed(0)
+    spec = FeatureSpec(sample_rate=ps.SR, window_seconds=ps.WINDOW_S, n_mels=64, n_fft=512, hop_length=512)
+    model = EnsembleModel(spec, EnsembleConfig.tiny()).eval()
+    normal = ps.Machine("fan-00", "fan", 110.0, seed=1000)
+    waves = np.stack([normal.signal(s, 4) for s in range(0, 60, 2)])  # 30 normal windows
+    with torch.no_grad():
+        e = model.embed(torch.from_numpy(waves))
+    groups = {t: EnsembleGroup.fit(t, e.fusion, e.band_means, reg_covar=1e-2, stats_log=True) for t in ("fan", "pump")}
+    return RmsEnsemble(model.to_bundle(groups, version="ens-1"), device="cpu")
+
+
+def test_raised_alert_carries_an_explanation_cleared_does_not():
+    from stream_asd.model.explain import mel_band_edges
+    from stream_asd.wire import AlertRecord
+
+    async def main():
+        det = _rms_ensemble()
+        proc, broker = make(det, alerts={"k": 1, "n": 1, "clear_after": 1})
+        faulty = ps.Machine("fan-00", "fan", 110.0, seed=1000, fault_at=4)  # the same device, faulty
+        healthy = ps.Machine("fan-00", "fan", 110.0, seed=1000)                # in chunks 4-7 only
+        for seq in range(12):  # window [0,4) normal, [2,6)..[6,10) faulty, [8,12) normal again
+            await proc.on_message(TP, seq, *ps.chunk_message(faulty if seq < 8 else healthy, seq))
+        await settle(proc)
+        broker.ack_all()
+        await settle(proc)
+        alerts = [AlertRecord.from_json(s[2]) for s in broker.of("asd.alerts")]
+        assert [a.state for a in alerts][:2] == ["raised", "cleared"], alerts
+        raised, cleared = alerts[0], alerts[1]
+        assert cleared.explanation is None and b"explanation" not in broker.of("asd.alerts")[1][2]
+        x = raised.explanation
+        assert x["version"] == 1 and x["profile"] == "group"
+        top = x["top_bands"][0]
+        edges = mel_band_edges(det.feature_spec)
+        assert top["f_low_hz"] < 3150 < top["f_high_hz"], x  # the bearing whine's band
+        assert edges[top["band"], 0] == pytest.approx(top["f_low_hz"], abs=0.1)
+        assert top["z"] > 10 and 0 <= x["segment"]["start_s"] < x["segment"]["end_s"] <= ps.WINDOW_S
+        assert AlertRecord.from_json(raised.to_json()) == raised
+
+    asyncio.run(main())
+
+
+def test_alert_without_explanation_is_unchanged_on_the_wire():
+    from stream_asd.errors import WireFormatError
+    from stream_asd.wire import AlertRecord
+
+    async def main():
+        proc, broker = make(alerts={"k": 1, "n": 1, "clear_after": 1})  # RmsDetector: not an ensemble
+        fan = ps.fleet(4, faulty=(3,), fault_at=0)[3]
+        for seq in range(4):
+            await proc.on_message(TP, seq, *ps.chunk_message(fan, seq))
+        await settle(proc)
+        raw = broker.of("asd.alerts")[0][2]
+        assert b"explanation" not in raw
+        rec = AlertRecord.from_json(raw)
+        assert rec.state == "raised" and rec.explanation is None
+        # the record as written before the field existed reads the same
+        old = json.loads(raw)
+        assert set(old) == {"alert_id", "device_id", "machine_type", "state", "window_id", "score", "threshold",
+                            "windows_over", "windows_seen", "model_version", "at_ns", "schema"}
+        bad = dict(old, explanation=[1, 2])
+        with pytest.raises(WireFormatError):
+            AlertRecord.from_json(json.dumps(bad))
 
     asyncio.run(main())

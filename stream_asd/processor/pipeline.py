@@ -177,12 +177,32 @@ class StreamProcessor:
                 score=rec.score, threshold=rec.threshold, is_anomaly=rec.is_anomaly, model_version=version,
                 at_ns=now_ns)
             if alert is not None:
+                if alert.state == "raised":
+                    alert.explanation = await self._explain(w, version)
                 futs.append(await self.sinks.alert(alert))
                 m.alerts.labels(machine_type=mt, state=alert.state).inc()
                 m.alerts_active.labels(machine_type=mt).inc(1 if alert.state == "raised" else -1)
             serial = w.serial
             self._track_delivery(futs, lambda s=serial: self.ledger.mark_all_done(self.accounting.resolved(s)))
             self.windows_scored += 1
+
+    async def _explain(self, w: Window, version: str) -> dict[str, Any] | None:
+        """The compact explanation of an alerted window (``stream_asd.model.explain``), computed
+        in a worker thread only when an alert is raised; None when the model in use is not an
+        ensemble, was swapped since the window was scored, or explaining fails (the alert is
+        never held back by its explanation)."""
+        det = self.runner.detector
+        if getattr(det, "kind", None) != "ensemble" or str(det.version) != version:
+            return None
+        try:
+            from ..model.explain import explain_window
+
+            e = await asyncio.to_thread(explain_window, det, w.samples, w.machine_type, w.device_id)
+            return e.to_dict()
+        except Exception:
+            log.warning("explaining alerted window %s failed; the alert goes out without an explanation",
+                        w.window_id, exc_info=True)
+            return None
 
     async def _score_singly(self, batch: list[Window]) -> tuple[list, str]:
         """Isolate the windows the model cannot score: they are skipped (``score_error``), the
