@@ -44,7 +44,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # torch and the model load only when something is explained (
     from .scoring import EnsembleGroup
 
 __all__ = ["BandDeviation", "Explanation", "mel_band_edges", "normal_profile", "explain_windows",
-           "explain_window", "explain_many", "EXPLANATION_VERSION", "DEFAULT_TOP_N"]
+           "explain_window", "EXPLANATION_VERSION", "DEFAULT_TOP_N"]
 
 EXPLANATION_VERSION = 1
 DEFAULT_TOP_N = 5
@@ -280,20 +280,6 @@ def explain_window(detector: Any, wave: Any, machine_type: str, device_id: str |
     """``explain_windows`` for one window."""
     return explain_windows(detector, np.asarray(wave)[None, :] if np.ndim(wave) == 1 else wave,
                            machine_type, device_id, **kwargs)[0]
-
-
-def explain_many(detector: Any, waves: Any, machine_types: Sequence[str], device_ids: Sequence[str],
-                 **kwargs: Any) -> list[Explanation]:
-    """Windows of several devices and types: grouped per (type, device), returned in order."""
-    w = np.asarray(waves, dtype=np.float32)
-    out: list[Explanation | None] = [None] * len(machine_types)
-    keys: dict[tuple[str, str], list[int]] = {}
-    for i, key in enumerate(zip(machine_types, device_ids)):
-        keys.setdefault((str(key[0]), str(key[1])), []).append(i)
-    for (mt, dev), idx in keys.items():
-        for i, e in zip(idx, explain_windows(detector, w[idx], mt, dev, **kwargs)):
-            out[i] = e
-    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
