@@ -236,6 +236,16 @@ def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
+def stop(proc: subprocess.Popen, wait_s: float = 30.0) -> int:
+    """SIGTERM (a graceful drain), SIGKILL if it does not exit within ``wait_s``; the exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
 def free_port() -> int:
     import socket
 

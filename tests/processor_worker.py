@@ -16,7 +16,9 @@ from stream_asd.cli import parse_set_options  # noqa: E402
 from stream_asd.config import load_settings  # noqa: E402
 from stream_asd.processor.app import run_processor  # noqa: E402
 
-if __name__ == "__main__":
+def main(detector_class=RmsDetector) -> int:
+    """``--bootstrap B --set S.K=V ...`` -> run the processor with ``detector_class(window_samples=...)``
+    (other test modules run their own stand-in detector through this)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--set", action="append", default=[])
@@ -25,4 +27,8 @@ if __name__ == "__main__":
     overrides = parse_set_options(args.set)
     overrides.setdefault("kafka", {})["bootstrap"] = args.bootstrap
     settings = load_settings(None, overrides)
-    sys.exit(run_processor(settings, detector=RmsDetector(window_samples=settings.window_chunks() * settings.chunk_samples())))
+    return run_processor(settings, detector=detector_class(window_samples=settings.window_chunks() * settings.chunk_samples()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -276,12 +276,7 @@ def test_processor_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
         committed = ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], PARTITIONS, timeout=20)
         final = ps.scrape(port)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(10)
+        ps.stop(worker)
     peak = {p: max(lags.get(p, 0) for _, lags in timeline) for p in range(PARTITIONS)}
     behind = sum(1 for _, lags in timeline if any(v > 0 for v in lags.values()))
     print(f"processor lag: backlog {per_partition} chunks per partition, peak {peak}, {behind} scrapes "
@@ -323,12 +318,7 @@ def test_archiver_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
         took = time.monotonic() - t_start
         committed = ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], PARTITIONS, timeout=20)
     finally:
-        archiver.terminate()
-        try:
-            rc = archiver.wait(30)
-        except subprocess.TimeoutExpired:
-            archiver.kill()
-            rc = archiver.wait(10)
+        rc = ps.stop(archiver)
     peak = {p: max(lags.get(p, 0) for _, lags in timeline) for p in range(PARTITIONS)}
     behind = sum(1 for _, lags in timeline if any(v > 0 for v in lags.values()))
     print(f"archiver lag: backlog {per_partition} chunks per partition, peak {peak}, {behind} scrapes behind, "
@@ -342,23 +332,9 @@ def test_archiver_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
 
 # -- the slow processor worker ----------------------------------------------------------------------
 def main() -> int:
-    import argparse
-    import logging
+    from processor_worker import main as worker_main
 
-    from stream_asd.cli import parse_set_options
-    from stream_asd.config import load_settings
-    from stream_asd.processor.app import run_processor
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--set", action="append", default=[])
-    args = ap.parse_args()
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = parse_set_options(args.set)
-    overrides.setdefault("kafka", {})["bootstrap"] = args.bootstrap
-    settings = load_settings(None, overrides)
-    window_samples = settings.window_chunks() * settings.chunk_samples()
-    return run_processor(settings, detector=SlowRmsDetector(window_samples=window_samples))
+    return worker_main(SlowRmsDetector)
 
 
 if __name__ == "__main__":

@@ -393,6 +393,11 @@ class _Draw:
     def harmonics_up_to(self, f_r: float) -> range:
         return range(1, max(2, int(self.f_top / f_r)) + 1)
 
+    def decaying_harmonics(self, f_r: float, decay: float, last: int) -> dict[int, float]:
+        """Harmonics 1..``last`` (up to f_top) falling off as exp(-h / decay), each with its own
+        random weight drawn in harmonic order."""
+        return {h: math.exp(-h / decay) * self.rng.uniform(0.5, 1.5) for h in self.harmonics_up_to(f_r) if h <= last}
+
 
 @dataclass(frozen=True)
 class _MachineParts:
@@ -459,11 +464,7 @@ def _slider(draw: _Draw) -> _MachineParts:
     """Strokes: gated motor harmonics and whine, friction noise, an impact at each stroke end."""
     rng, u, sr = draw.rng, draw.rng.uniform, draw.sr
     f_r = u(35.0, 70.0)
-    decay = u(2, 5)
-    amps: dict[int, float] = {}
-    for h in draw.harmonics_up_to(f_r):
-        if h <= 25:
-            amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+    amps = draw.decaying_harmonics(f_r, u(2, 5), last=25)
     whine = int(round(u(1500, 3000) / f_r))
     amps[whine] = amps.get(whine, 0.0) + u(0.2, 0.5)
     noise_mag = _shape_noise(draw.freqs, tilt_db_oct=-2.0, bumps=[(u(1000, 3000), 1.0, 10.0)],
@@ -483,11 +484,7 @@ def _valve(draw: _Draw) -> _MachineParts:
     """Open/close clicks with their own resonances, flow hiss while open, a steady pump hum."""
     rng, u, sr = draw.rng, draw.rng.uniform, draw.sr
     f_r = u(20.0, 45.0)
-    decay = u(3, 8)
-    amps: dict[int, float] = {}
-    for h in draw.harmonics_up_to(f_r):
-        if h <= 30:
-            amps[h] = math.exp(-h / decay) * u(0.5, 1.5)
+    amps = draw.decaying_harmonics(f_r, u(3, 8), last=30)
     noise_mag = _shape_noise(draw.freqs, tilt_db_oct=0.0, bumps=[(u(2000, 4500), 0.7, 12.0)],
                              lowpass=(7000.0, 2), highpass=500.0)
     rot_level, noise_level = u(0.02, 0.035), u(0.02, 0.04)

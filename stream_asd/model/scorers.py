@@ -43,6 +43,17 @@ class _Standardised:
 
     raw_mean: float
     raw_std: float
+    _FITTED_BY = ""  # the (N, D) array a fit sets: its columns are the input dimension
+
+    @property
+    def fitted(self) -> bool:
+        return getattr(self, self._FITTED_BY) is not None
+
+    @property
+    def dim(self) -> int:
+        if not self.fitted:
+            raise ValueError(f"{type(self).__name__} is not fitted")
+        return int(getattr(self, self._FITTED_BY).shape[1])
 
     def raw(self, X: Any) -> np.ndarray:  # pragma: no cover - each scorer defines it
         raise NotImplementedError
@@ -69,6 +80,7 @@ class GaussianScorer(_Standardised):
     """
 
     KIND = "gmm"
+    _FITTED_BY = "means"
     ARRAY_NAMES = ("in_mean", "in_scale", "weights", "means", "precisions_cholesky")
 
     def __init__(self, n_components: int = 1, max_iter: int = 1000, covariance_type: str = "full",
@@ -94,16 +106,6 @@ class GaussianScorer(_Standardised):
     # the bundle and older callers name the standardisation after what a GMM scores
     nll_mean = property(lambda self: self.raw_mean, lambda self, v: setattr(self, "raw_mean", v))
     nll_std = property(lambda self: self.raw_std, lambda self, v: setattr(self, "raw_std", v))
-
-    @property
-    def fitted(self) -> bool:
-        return self.means is not None
-
-    @property
-    def dim(self) -> int:
-        if self.means is None:
-            raise ValueError("GaussianScorer is not fitted")
-        return int(self.means.shape[1])
 
     def fit(self, X: Any, calibration: Any | None = None) -> "GaussianScorer":
         """Fit the GMM on normals ``X``; standardise NLLs by their mean/std on ``X`` or, when
@@ -205,6 +207,7 @@ class KnnScorer(_Standardised):
     """
 
     KIND = "knn"
+    _FITTED_BY = "bank"
     ARRAY_NAMES = ("in_mean", "in_scale", "bank")
     METRICS = ("cosine", "euclidean")
     ROWS_PER_BLOCK = 1024  # distance matrix computed in blocks of rows (memory bound)
@@ -224,16 +227,6 @@ class KnnScorer(_Standardised):
         self.raw_mean = 0.0
         self.raw_std = 1.0
         self.n_train = 0
-
-    @property
-    def fitted(self) -> bool:
-        return self.bank is not None
-
-    @property
-    def dim(self) -> int:
-        if self.bank is None:
-            raise ValueError("KnnScorer is not fitted")
-        return int(self.bank.shape[1])
 
     def _prepare(self, X: np.ndarray) -> np.ndarray:
         x = ((X - self.in_mean) / self.in_scale).astype(np.float32)
