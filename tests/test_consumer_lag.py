@@ -262,21 +262,9 @@ def test_processor_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
     cmd = [sys.executable, __file__, "--bootstrap", kafka_bootstrap]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "ab") as log:
-        worker = subprocess.Popen(cmd, cwd=ps.REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    t_start = time.monotonic()
-    try:
-        try:
-            timeline = watch_lag(lambda: ps.scrape(port), "processor", n["audio"], timeout=75, proc=worker)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{log_path.read_text(errors='replace')[-3000:]}") from None
-        took = time.monotonic() - t_start
-        committed = ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], PARTITIONS, timeout=20)
-        final = ps.scrape(port)
-    finally:
-        ps.stop(worker)
+    timeline, took, committed, final, _ = run_watching_lag(
+        cmd, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), tmp_path / "worker.log", port,
+        "processor", n, kafka_bootstrap, timeout=75)
     peak = {p: max(lags.get(p, 0) for _, lags in timeline) for p in range(PARTITIONS)}
     behind = sum(1 for _, lags in timeline if any(v > 0 for v in lags.values()))
     print(f"processor lag: backlog {per_partition} chunks per partition, peak {peak}, {behind} scrapes "
@@ -286,6 +274,26 @@ def test_processor_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
     windows_per_device = (BACKLOG_CHUNKS - int(ps.WINDOW_S)) // int(ps.HOP_S) + 1  # the last 2 chunks: evicted
     assert ps.metric_sum(final, "asd_windows_scored_total") == PARTITIONS * DEVICES_PER_PARTITION * windows_per_device
     assert lag_samples(final, "processor", n["audio"]) == {p: 0.0 for p in range(PARTITIONS)}
+
+
+def run_watching_lag(cmd, env, log_path: Path, port: int, component: str, n: dict, bootstrap: str, *,
+                     timeout: float):
+    """Start ``cmd``, scrape its lag until caught up, wait for the commits to reach the end, stop
+    it. Returns (timeline, seconds to catch up, committed offsets, last scrape, exit code)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=ps.REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    t_start = time.monotonic()
+    try:
+        try:
+            timeline = watch_lag(lambda: ps.scrape(port), component, n["audio"], timeout=timeout, proc=proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text(errors='replace')[-3000:]}") from None
+        took = time.monotonic() - t_start
+        committed = ps.wait_committed_to_end(bootstrap, n["group"], n["audio"], PARTITIONS, timeout=20)
+        final = ps.scrape(port)
+    finally:
+        rc = ps.stop(proc)
+    return timeline, took, committed, final, rc
 
 
 def test_archiver_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
@@ -307,18 +315,8 @@ def test_archiver_reports_its_lag_during_a_backlog(kafka_bootstrap, tmp_path):
            "--metrics-port", str(port), "--log-level", "WARNING"]
     env = dict(os.environ, ASD_TOPICS__AUDIO=n["audio"], ASD_METRICS__HOST="127.0.0.1")
     log_path = tmp_path / "archiver.log"
-    with open(log_path, "ab") as log:
-        archiver = subprocess.Popen(cmd, cwd=ps.REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    t_start = time.monotonic()
-    try:
-        try:
-            timeline = watch_lag(lambda: ps.scrape(port), "archiver", n["audio"], timeout=60, proc=archiver)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{log_path.read_text(errors='replace')[-3000:]}") from None
-        took = time.monotonic() - t_start
-        committed = ps.wait_committed_to_end(kafka_bootstrap, n["group"], n["audio"], PARTITIONS, timeout=20)
-    finally:
-        rc = ps.stop(archiver)
+    timeline, took, committed, _, rc = run_watching_lag(cmd, env, log_path, port, "archiver", n, kafka_bootstrap,
+                                                        timeout=60)
     peak = {p: max(lags.get(p, 0) for _, lags in timeline) for p in range(PARTITIONS)}
     behind = sum(1 for _, lags in timeline if any(v > 0 for v in lags.values()))
     print(f"archiver lag: backlog {per_partition} chunks per partition, peak {peak}, {behind} scrapes behind, "
