@@ -338,3 +338,19 @@ def test_archiver_with_unreachable_broker_says_so_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     last = r.stderr.splitlines()[-1]
     assert "cannot reach Kafka" in last and "stream-asd broker start" in last
+
+
+@pytest.mark.timeout(300)
+def test_fit_on_one_short_clip_warns_that_the_threshold_means_little(tmp_path):
+    from stream_asd.audio.io import write_audio
+
+    clip = tmp_path / "data" / "fan" / "train" / "normal_id_00_00000000.wav"
+    clip.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_audio(clip, (0.1 * rng.standard_normal(32000)).astype(np.float32), 16000)  # one 2 s clip
+    r = subprocess.run([sys.executable, "-m", "trainer.cli", "fit", "--data", str(tmp_path / "data"),
+                        "--out", str(tmp_path / "bundle"), "--profile", "tiny", "--no-progress"],
+                       capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warning = [line for line in r.stderr.splitlines() if "threshold comes from only" in line]
+    assert warning and "3 normal windows (1 clips)" in warning[0] and "at least 50 windows" in warning[0]

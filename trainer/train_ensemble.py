@@ -134,6 +134,11 @@ def scoring_windows(td, profile: TrainProfile):
     return sw, ~calib, calib
 
 
+#: below this many normal windows behind a group's threshold, ``fit`` warns that the threshold
+#: (a high quantile) is a guess
+MIN_THRESHOLD_WINDOWS = 50
+
+
 def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb: np.ndarray,
                band_means: np.ndarray, profile: TrainProfile) -> dict:
     """One EnsembleGroup per machine type (plus a GMM pair per device with enough windows):
@@ -169,6 +174,12 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
         if not held_out:
             log.warning("group %s: only %d held-out windows; thresholds from training normals come out too low "
                         "(more clips per device fix this)", mtype, sel_cal.sum())
+        n_thr = int(g.thresholds.calibration.get("n_windows", 0))
+        if n_thr < MIN_THRESHOLD_WINDOWS:
+            n_clips = len(set(ws.clip_index[torch.from_numpy(types == mtype)].tolist()))
+            log.warning("group %s: its threshold comes from only %d normal windows (%d clips); it says little "
+                        "about the false-alert rate it promises: train on at least %d windows per machine type "
+                        "(more or longer normal clips)", mtype, n_thr, n_clips, MIN_THRESHOLD_WINDOWS)
         g.thresholds.calibration.update(target)
         g.info.update({"thresholds_from": "held-out normals" if held_out else "training normals",
                        "n_fit_windows": int(sel_fit.sum()), "n_calibration_windows": int(sel_cal.sum()),
