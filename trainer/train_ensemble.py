@@ -147,7 +147,6 @@ def fit_groups(ws, fit_mask: torch.Tensor, calib_mask: torch.Tensor, fusion_emb:
     from stream_asd.model.scoring import EnsembleGroup
 
     sc = profile.scoring
-    check_scorers(profile)
     target = threshold_calibration(profile)
     types = np.array(ws.machine_types)
     devs = np.array(device_ids(ws))

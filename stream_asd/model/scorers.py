@@ -60,8 +60,9 @@ class _Standardised:
 
     def restandardise(self, X: Any) -> None:
         """Re-estimate the raw mean/std on these normals (e.g. held-out calibration windows)."""
-        self.raw_mean, self.raw_std = 0.0, 1.0
-        raw = self.raw(X)
+        self._standardise_on(self.raw(X))
+
+    def _standardise_on(self, raw: np.ndarray) -> None:
         self.raw_mean = float(raw.mean())
         sd = float(raw.std())
         self.raw_std = sd if sd > 0 and math.isfinite(sd) else 1.0
@@ -254,14 +255,10 @@ class KnnScorer(_Standardised):
             keep = np.sort(np.random.default_rng(self.random_state).choice(keep.size, self.max_bank, replace=False))
         self.bank = self._prepare(X[keep])
         self.n_train = int(X.shape[0])
-        self.raw_mean, self.raw_std = 0.0, 1.0
         if calibration is not None:
             self.restandardise(calibration)
         else:
-            raw = self._raw(X, self_rows=keep)
-            self.raw_mean = float(raw.mean())
-            sd = float(raw.std())
-            self.raw_std = sd if sd > 0 and math.isfinite(sd) else 1.0
+            self._standardise_on(self._raw(X, self_rows=keep))
         return self
 
     def _raw(self, X: np.ndarray, self_rows: np.ndarray | None = None) -> np.ndarray:
